@@ -1,0 +1,139 @@
+"""`python -m export`: a Transformers Emu3 `-hf` checkpoint -> a verified bundle in models/<name>/.
+
+Stages: load (transformers) -> export the three graphs (export_onnx) -> verify against the checkpoint
+(verify) -> copy tokenizer + chat template -> bundle.json with hashes (write_bundle). Everything is written to a
+temporary sibling directory and renamed into place only when verification passed, so a failed export never
+leaves a bundle that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+VARIANTS = {18: "opset18", 23: "opset23-fused"}  # 23: ONNX Attention / RMSNormalization / RotaryEmbedding
+
+
+class ExportError(RuntimeError):
+    """The export ran but its result is not acceptable (frozen dims, parity failure, bad checkpoint)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    # ONNX opset of the decoder step: 18 is portable (TensorRT >= 10), 23 fuses attention for ORT CPU.
+    opset: int = 18
+    # dtype of the decoder step's weights and KV cache; the VQ graphs and logits stay float32.
+    dtype: str = "fp32"
+    # default image area (pixels) for text-to-image; None: min(720*720, the processor's max_pixels)
+    image_area: int | None = None
+    # replace an existing bundle directory
+    overwrite: bool = False
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxscript
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__}
+
+
+def load_checkpoint(checkpoint: Path, dtype: str):
+    import torch
+    from transformers import AutoProcessor, Emu3ForConditionalGeneration
+
+    if not (checkpoint / "config.json").is_file():
+        raise ExportError(f"{checkpoint}: no config.json; expected a Transformers Emu3 -hf checkpoint directory")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    model = Emu3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch_dtype).eval()
+    # The VQ stays float32: it is small next to the text model, and its argmin codes are precision-sensitive.
+    model.model.vqmodel.float()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    if model.config.model_type != "emu3":
+        raise ExportError(f"{checkpoint}: model_type {model.config.model_type!r} is not 'emu3'")
+    return model, processor
+
+
+def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
+                 log=lambda msg: None):
+    """Export, verify and write a bundle; returns (manifest, checks). Raises ExportError on any failure."""
+    from . import export_onnx, verify, write_bundle
+
+    if options.opset not in VARIANTS:
+        raise ExportError(f"--opset must be one of {sorted(VARIANTS)}, got {options.opset}")
+    if options.dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not options.overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+
+    t0 = time.perf_counter()
+    model, processor = load_checkpoint(checkpoint, options.dtype)
+    log(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp makes it 0700
+    try:
+        vq = model.model.vqmodel
+        specs = {}
+        for name, fn, target in (("vq_encoder", export_onnx.export_vq_encoder, vq),
+                                 ("vq_decoder", export_onnx.export_vq_decoder, vq),
+                                 ("decoder_step", export_onnx.export_decoder_step, model)):
+            t = time.perf_counter()
+            specs[name] = fn(target, work, options.opset if name == "decoder_step" else 18)
+            log(f"exported {specs[name].file} in {time.perf_counter() - t:.1f}s")
+        checks = verify.verify_vq(vq, work) + verify.verify_decoder_step(model, work)
+        log(verify.format_table(checks))
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise ExportError(f"parity failed in {len(failed)} check(s), first: {failed[0].graph} {failed[0].case} "
+                              f"{failed[0].metric} = {failed[0].value:.3g} > {failed[0].limit:g}")
+        shutil.copyfile(checkpoint / "tokenizer.json", work / "tokenizer.json") \
+            if (checkpoint / "tokenizer.json").is_file() else processor.tokenizer.backend_tokenizer.save(
+                str(work / "tokenizer.json"))
+        template = processor.chat_template or ""
+        (work / "chat_template.jinja").write_text(template, encoding="utf-8")
+        image_area = options.image_area or min(720 * 720, int(processor.image_processor.max_pixels))
+        manifest = write_bundle.build_manifest(
+            model=model, processor=processor, checkpoint=checkpoint, out_dir=work, specs=specs,
+            variant=VARIANTS[options.opset], opset=options.opset, dtype=DTYPES[options.dtype],
+            image_area=image_area, versions=_versions())
+        write_bundle.write_manifest(manifest, work)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return manifest, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, type=Path, help="Emu3 -hf checkpoint directory")
+    ap.add_argument("--out", required=True, type=Path, help="bundle directory to write, e.g. models/emu3-gen")
+    ap.add_argument("--opset", type=int, choices=sorted(VARIANTS), default=18)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="decoder-step weights and KV cache")
+    ap.add_argument("--image-area", type=int, default=None, help="default text-to-image area in pixels")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite)
+    try:
+        build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2
+        if args.verbose:
+            raise
+        print(f"export: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,138 @@
+"""Parity of the exported graphs (onnxruntime CPU) against the Transformers model, at shapes other than the
+tracing samples: batch 1 and 3, non-square images, past lengths 0, 1 and 37, multi-token continuation and a
+left-padded batch. The references are Transformers' own entry points (`vqmodel.encode`, `vqmodel.decode`, the
+model forward with a DynamicCache), not our wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Tolerances per step-graph dtype: (logits relative to their scale, present K/V absolute).
+STEP_TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-2), "bfloat16": (1e-1, 5e-2)}
+PIXEL_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Check:
+    graph: str
+    case: str
+    metric: str
+    value: float
+    limit: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.value <= self.limit)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def verify_vq(vqmodel, out_dir: Path, seed: int = 0) -> list[Check]:
+    checks = []
+    g = torch.Generator().manual_seed(seed)
+    enc = _session(out_dir / "vq_encoder.onnx")
+    for b, h, w in ((1, 64, 64), (3, 48, 80), (2, 40, 24)):
+        x = torch.rand(b, 3, h, w, generator=g) * 2 - 1
+        with torch.no_grad():
+            ref = torch.stack(vqmodel.encode(x, torch.tensor([[h, w]] * b)).image_tokens).numpy()
+        got = enc.run(["codes"], {"pixel_values": x.numpy()})[0]
+        mismatches = got.size if got.shape != ref.shape else int((got != ref).sum())
+        checks.append(Check("vq_encoder", f"B={b} {h}x{w}", "codes differing", mismatches, 0))
+    dec = _session(out_dir / "vq_decoder.onnx")
+    k = vqmodel.config.codebook_size
+    for b, h, w in ((1, 8, 8), (3, 5, 7), (2, 3, 6)):
+        codes = torch.randint(0, k, (b, h, w), generator=g)
+        with torch.no_grad():
+            ref = vqmodel.decode(codes).float().numpy()
+        got = dec.run(["pixel_values"], {"codes": codes.numpy()})[0]
+        diff = np.inf if got.shape != ref.shape else float(np.abs(got - ref).max())
+        checks.append(Check("vq_decoder", f"B={b} {h}x{w}", "max |d pixel|", diff, PIXEL_TOLERANCE))
+    return checks
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    """Transformers' generate positions: cumsum(mask) - 1, pads at 0."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def verify_decoder_step(model, out_dir: Path, seed: int = 0) -> list[Check]:
+    from transformers import DynamicCache
+
+    tc = model.config.text_config
+    dtype = next(model.parameters()).dtype
+    logit_tol, kv_tol = STEP_TOLERANCE[str(dtype).removeprefix("torch.")]
+    sess = _session(out_dir / "decoder_step.onnx")
+    out_names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(seed)
+    checks = []
+    # (batch, past, seq, left pad of row 1)
+    cases = ((1, 0, 7, 0), (3, 0, 5, 0), (3, 1, 1, 0), (1, 37, 1, 0), (3, 37, 4, 0), (2, 0, 9, 3), (2, 6, 1, 3))
+    for b, p, s, pad in cases:
+        ids = rng.integers(0, tc.vocab_size, (b, p + s))
+        mask = np.ones((b, p + s), dtype=np.int64)
+        if pad:
+            mask[1, :pad] = 0
+        pos = _positions(mask)
+        t = torch.from_numpy
+        cache = DynamicCache(config=tc)
+        with torch.no_grad():
+            if p:
+                model(input_ids=t(ids[:, :p]), attention_mask=t(mask[:, :p]), position_ids=t(pos[:, :p]),
+                      past_key_values=cache, use_cache=True)
+            past = [x for layer in cache.layers for x in (layer.keys, layer.values)] if p else \
+                [torch.zeros(b, tc.num_key_value_heads, 0, _head_dim(tc), dtype=dtype)] * (2 * tc.num_hidden_layers)
+            feeds = {"input_ids": ids[:, p:], "attention_mask": mask, "position_ids": pos[:, p:]}
+            for i in range(tc.num_hidden_layers):
+                feeds[f"past_key_values.{i}.key"] = _np(past[2 * i])
+                feeds[f"past_key_values.{i}.value"] = _np(past[2 * i + 1])
+            ref = model(input_ids=t(ids[:, p:]), attention_mask=t(mask), position_ids=t(pos[:, p:]),
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        got = dict(zip(out_names, sess.run(out_names, feeds)))
+        ref_logits = ref.logits[:, -1].float().numpy()
+        scale = max(1.0, float(np.abs(ref_logits).max()))
+        case = f"B={b} P={p} S={s}" + (f" leftpad={pad}" if pad else "")
+        checks.append(Check("decoder_step", case, "max |d logit| / scale",
+                            float(np.abs(got["logits"] - ref_logits).max()) / scale, logit_tol))
+        # Positions under mask == 0 (left padding) hold values no output ever reads: a fully masked query row
+        # is NaN-guarded differently by sdpa and the ONNX graph, so only attended positions are compared.
+        keep = mask.astype(bool)[:, None, :, None]
+        kv_diff = 0.0
+        for i, layer in enumerate(cache.layers[: tc.num_hidden_layers]):
+            for kind, ref_kv in (("key", layer.keys), ("value", layer.values)):
+                g = got[f"present.{i}.{kind}"].astype(np.float32)
+                r = ref_kv.float().numpy()
+                kv_diff = max(kv_diff, np.inf if g.shape != r.shape else float(np.abs(np.where(keep, g - r, 0)).max()))
+        checks.append(Check("decoder_step", case, "max |d present|", kv_diff, kv_tol))
+    return checks
+
+
+def _head_dim(tc) -> int:
+    return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    """Torch -> numpy, bf16 through its raw bits (numpy has no bfloat16; ml_dtypes reads them back)."""
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.contiguous().numpy()
+
+
+def format_table(checks: list[Check]) -> str:
+    rows = [("graph", "case", "metric", "value", "limit", "")]
+    rows += [(c.graph, c.case, c.metric, f"{c.value:.3g}", f"{c.limit:.0e}" if c.limit else "0",
+              "ok" if c.ok else "FAIL") for c in checks]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

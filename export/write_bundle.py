@@ -1,0 +1,167 @@
+"""bundle.json: the manifest a numpy runtime needs to drive the graphs, shaped like onnxruntime-genai's
+genai_config.json (`model.decoder` + sibling `vq_encoder`/`vq_decoder` blocks, a `search` block) plus an `emu3`
+block for the special ids and the visual-token mapping, file hashes and export provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .export_onnx import GraphSpec
+
+SCHEMA_VERSION = 1
+BUNDLE_FORMAT = "emu3-bundle"
+
+# BAAI's image_generation.py default negative prompt.
+NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
+    "quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+VISUAL_TOKEN = re.compile(r"^<\|visual token (\d{6})\|>$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def visual_token_runs(vocab: dict[str, int], codebook_size: int) -> list[list[int]]:
+    """code -> token id as runs [first_code, first_id, count]; one run for every real checkpoint.
+
+    Parsed like Transformers' Emu3ImageVocabularyMapping: the 6 digits of `<|visual token NNNNNN|>`.
+    """
+    code_to_id = {}
+    for name, tid in vocab.items():
+        m = VISUAL_TOKEN.match(name)
+        if m:
+            code_to_id[int(m.group(1))] = tid
+    missing = [c for c in range(codebook_size) if c not in code_to_id]
+    if missing:
+        raise ValueError(f"vocabulary has no visual token for codes {missing[:5]}... "
+                         f"({len(missing)} of {codebook_size} missing)")
+    runs: list[list[int]] = []
+    for code in range(codebook_size):
+        tid = code_to_id[code]
+        if runs and runs[-1][0] + runs[-1][2] == code and runs[-1][1] + runs[-1][2] == tid:
+            runs[-1][2] += 1
+        else:
+            runs.append([code, tid, 1])
+    return runs
+
+
+def _io(spec: GraphSpec) -> dict:
+    return {"inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs]}
+
+
+def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: dict[str, GraphSpec],
+                   variant: str, opset: int, dtype: str, image_area: int, versions: dict) -> dict:
+    cfg = model.config
+    tc, vc = cfg.text_config, cfg.vq_config
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+
+    def token(name: str) -> dict:
+        if name not in vocab:
+            raise ValueError(f"tokenizer has no {name!r} token")
+        return {"text": name, "id": vocab[name]}
+
+    ip = processor.image_processor
+    gen = model.generation_config
+    context = int(tc.max_position_embeddings)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    rope = dict(getattr(tc, "rope_parameters", None) or {})
+    step = specs["decoder_step"]
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "type": "emu3",
+            "bos_token_id": vocab[tok.bos_token],
+            "eos_token_id": vocab[tok.eos_token],
+            "pad_token_id": vocab[tok.pad_token],
+            "vocab_size": int(tc.vocab_size),
+            "context_length": context,
+            "decoder": {
+                "filename": step.file,
+                "variant": variant,
+                "opset": opset,
+                "dtype": dtype,
+                "num_hidden_layers": int(tc.num_hidden_layers),
+                "num_attention_heads": int(tc.num_attention_heads),
+                "num_key_value_heads": int(tc.num_key_value_heads),
+                "head_size": int(head_dim),
+                "hidden_size": int(tc.hidden_size),
+                "intermediate_size": int(tc.intermediate_size),
+                "rms_norm_eps": float(tc.rms_norm_eps),
+                "rope": {"type": rope.get("rope_type", "default"), "theta": float(rope.get("rope_theta", 1e4))},
+                "logits": "last_position",
+                "kv_cache": "concat",
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "io": _io(step),
+            },
+            "vq_encoder": {"filename": specs["vq_encoder"].file, "dtype": "float32", "io": _io(specs["vq_encoder"])},
+            "vq_decoder": {"filename": specs["vq_decoder"].file, "dtype": "float32", "io": _io(specs["vq_decoder"])},
+        },
+        "emu3": {
+            "tokens": {
+                "bos": token(tok.bos_token), "eos": token(tok.eos_token), "pad": token(tok.pad_token),
+                "image": token(tok.image_token), "boi": token(tok.boi_token), "eoi": token(tok.eoi_token),
+                "image_wrapper": token(tok.image_wrapper_token), "eol": token("<|extra_200|>"),
+                "eof": token(tok.eof_token),
+            },
+            "codebook_size": int(vc.codebook_size),
+            # code -> token id: id = first_id + (code - first_code) within each run
+            "visual_token_runs": visual_token_runs(vocab, int(vc.codebook_size)),
+            "spatial_factor": 2 ** (len(vc.channel_multiplier) - 1),
+            "temporal_factor": int(vc.temporal_downsample_factor),
+        },
+        "image_processor": {
+            "image_mean": [float(x) for x in ip.image_mean],
+            "image_std": [float(x) for x in ip.image_std],
+            "rescale_factor": float(ip.rescale_factor),
+            "min_pixels": int(ip.min_pixels),
+            "max_pixels": int(ip.max_pixels),
+            "spatial_factor": int(ip.spatial_factor),
+            "resample": "bicubic" if int(ip.resample) == 3 else int(ip.resample),
+        },
+        "tokenizer": {"filename": "tokenizer.json", "chat_template": "chat_template.jinja"},
+        "search": {
+            "do_sample": True,
+            "top_k": 2048,
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "cfg_scale": 3.0,
+            "negative_prompt": NEGATIVE_PROMPT,
+            "ratio": "1:1",
+            "image_area": int(image_area),
+            "max_new_tokens": int(min(gen.max_new_tokens or context, context)),
+            "prefill_chunk": 512,
+        },
+        "export": {
+            **versions,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "checkpoint": checkpoint.name,
+            "source_config_sha256": sha256_file(checkpoint / "config.json"),
+        },
+    }
+    manifest["files"] = {
+        p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "bundle.json"
+    }
+    return manifest
+
+
+def write_manifest(manifest: dict, out_dir: Path) -> Path:
+    path = out_dir / "bundle.json"
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,55 @@
+"""Shared fixtures: seeded tiny Emu3 checkpoints built with transformers and their exported bundles.
+
+Both are built once per test session (a few seconds each) into a temporary directory; tests that need them
+carry the `export` marker, because building needs torch + transformers (the `export` extra). CI installs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BUNDLE = REPO / "models" / "emu3-tiny"
+
+
+def _needs_export():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """preset name -> checkpoint directory, built on first use."""
+    _needs_export()
+    from export.tiny import build_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache: dict[str, Path] = {}
+
+    def get(preset: str) -> Path:
+        if preset not in cache:
+            cache[preset] = build_checkpoint(root / preset, preset, seed=0)
+        return cache[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, checkpoints):
+    """(preset, opset) -> (bundle directory, manifest, parity checks), exported on first use."""
+    from export.build import ExportOptions, build_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    cache: dict[tuple, tuple] = {}
+
+    def get(preset: str, opset: int = 18):
+        key = (preset, opset)
+        if key not in cache:
+            out = root / f"{preset}-op{opset}"
+            manifest, checks = build_bundle(checkpoints(preset), out, ExportOptions(opset=opset))
+            cache[key] = (out, manifest, checks)
+        return cache[key]
+
+    return get

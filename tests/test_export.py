@@ -1,0 +1,144 @@
+"""Export of differently shaped tiny checkpoints: parity at untraced shapes, symbolic dims, manifest contents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emu3_rt.bundle import load_bundle
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.export
+
+# preset -> (layers, heads, kv heads, vocab, codebook)
+SHAPES = {
+    "tiny": (2, 4, 2, 1067, 256),
+    "tiny-mha": (3, 3, 3, 1211, 300),
+    "tiny-realvocab": (2, 2, 1, 184622, 32768),
+}
+
+
+def _dims(path, names):
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    out = {}
+    for v in [*g.input, *g.output]:
+        if v.name in names:
+            out[v.name] = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(SHAPES))
+def test_export_parity_and_geometry(bundles, preset):
+    out, manifest, checks = bundles(preset)
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    cases = {c.case for c in checks if c.graph == "decoder_step"}
+    # the shapes the issue names: batch 1 and 3, past 0/1/37, continuation, left padding
+    assert {"B=1 P=0 S=7", "B=3 P=1 S=1", "B=1 P=37 S=1", "B=3 P=37 S=4", "B=2 P=0 S=9 leftpad=3"} <= cases
+    assert any("x" in c.case and c.case.split()[1].split("x")[0] != c.case.split()[1].split("x")[1]
+               for c in checks if c.graph == "vq_encoder"), "no non-square encoder case"
+
+    layers, heads, kv, vocab, codebook = SHAPES[preset]
+    dec = manifest["model"]["decoder"]
+    assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"]) == (layers, heads, kv)
+    assert manifest["model"]["vocab_size"] == vocab and manifest["emu3"]["codebook_size"] == codebook
+    bundle = load_bundle(out, verify=True)
+    assert len(bundle.visual_ids) == codebook and len(np.unique(bundle.visual_ids)) == codebook
+
+
+def test_real_id_layout(bundles):
+    """The 184,622-id layout gives exactly the real checkpoints' special ids (emu3-reference section 0)."""
+    out, manifest, _ = bundles("tiny-realvocab")
+    ids = {role: t["id"] for role, t in manifest["emu3"]["tokens"].items()}
+    assert ids == {"pad": 151643, "image": 151646, "eol": 151846, "eof": 151847, "bos": 151849, "eos": 151850,
+                   "image_wrapper": 151851, "boi": 151852, "eoi": 151853}
+    assert manifest["emu3"]["visual_token_runs"] == [[0, 151854, 32768]]
+
+
+def test_dynamic_dims_are_symbolic(bundles):
+    out, manifest, _ = bundles("tiny")
+    step = _dims(out / "decoder_step.onnx", {"input_ids", "attention_mask", "past_key_values.1.value",
+                                             "logits", "present.0.key"})
+    assert step == {
+        "input_ids": ["batch_size", "sequence_length"],
+        "attention_mask": ["batch_size", "total_sequence_length"],
+        "past_key_values.1.value": ["batch_size", 2, "past_sequence_length", 16],
+        "logits": ["batch_size", 1067],
+        "present.0.key": ["batch_size", 2, "total_sequence_length", 16],
+    }
+    assert _dims(out / "vq_encoder.onnx", {"pixel_values", "codes"}) == {
+        "pixel_values": ["batch_size", 3, "height", "width"], "codes": ["batch_size", "grid_height", "grid_width"]}
+    assert _dims(out / "vq_decoder.onnx", {"pixel_values", "codes"}) == {
+        "codes": ["batch_size", "grid_height", "grid_width"], "pixel_values": ["batch_size", 3, "height", "width"]}
+    # and the manifest says the same
+    io = manifest["model"]["decoder"]["io"]
+    assert io["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float32",
+                               "dims": ["batch_size", 2, "past_sequence_length", 16]}
+
+
+def test_frozen_dim_is_rejected(bundles, tmp_path):
+    """A graph whose batch dim came out static (the dynamo trap) fails the post-export check."""
+    import onnx
+
+    from export.export_onnx import _rename_and_check_dims, vq_decoder_specs
+
+    out, _, _ = bundles("tiny")
+    model = onnx.load(str(out / "vq_decoder.onnx"))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1
+    path = tmp_path / "vq_decoder.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(RuntimeError, match=r"codes\[0\] was frozen to 1"):
+        _rename_and_check_dims(path, vq_decoder_specs())
+
+
+def test_opset23_variant(bundles):
+    import onnx
+
+    out, manifest, checks = bundles("tiny", opset=23)
+    assert all(c.ok for c in checks)
+    assert manifest["model"]["decoder"]["variant"] == "opset23-fused"
+    ops = {n.op_type for n in onnx.load(str(out / "decoder_step.onnx")).graph.node}
+    assert {"RMSNormalization", "Attention"} & ops, ops
+
+
+def test_manifest_provenance_and_defaults(bundles, checkpoints):
+    out, manifest, _ = bundles("tiny")
+    for key in ("torch", "transformers", "onnx", "onnxscript", "exporter", "source_config_sha256"):
+        assert manifest["export"][key]
+    search = manifest["search"]
+    assert (search["top_k"], search["cfg_scale"]) == (2048, 3.0)
+    assert search["negative_prompt"].startswith("lowres, bad anatomy")
+    ip = manifest["image_processor"]
+    assert ip["image_mean"] == [0.5] * 3 and ip["resample"] == "bicubic" and ip["spatial_factor"] == 8
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "bundle.json")
+    template = (out / "chat_template.jinja").read_text()
+    assert "ASSISTANT:" in template
+    ck = checkpoints("tiny")
+    assert (out / "tokenizer.json").read_bytes() == (ck / "tokenizer.json").read_bytes()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no config.json" in lines[0], r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_existing_output_needs_overwrite(bundles, checkpoints):
+    from export.build import ExportError, ExportOptions, build_bundle
+
+    out, _, _ = bundles("tiny")
+    before = json.loads((out / "bundle.json").read_text())
+    with pytest.raises(ExportError, match="--overwrite"):
+        build_bundle(checkpoints("tiny"), out, ExportOptions())
+    assert json.loads((out / "bundle.json").read_text()) == before
