@@ -1,0 +1,81 @@
+"""The decode loop: prefill -> [step -> filter chain -> select -> append] until EOS or the token budget.
+
+Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond rows) that go through the step
+engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
+which are appended to every stream of their sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engines import Engine, EngineError
+from .kv_cache import KVCache
+from .prompt import Batch
+from .sampling import DecodeState, apply_chain
+
+# on_token(step, ids): called after every step with the (B,) ids just chosen
+OnToken = Callable[[int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    # tokens generated at most per row (the loop also stops when every row has produced EOS)
+    max_new_tokens: int
+    # id that ends a row, and the id finished rows keep receiving (as Transformers' generate does)
+    eos_id: int
+    pad_id: int
+    # prompt tokens per prefill call: long one-shot prefill materialises (S, S) masks (export-notes 5)
+    prefill_chunk: int = 512
+    # rows per sequence: 1, or 2 under CFG (the batch holds B cond rows, then B uncond rows)
+    streams: int = 1
+
+
+def prefill(engine: Engine, cache: KVCache, batch: Batch, chunk: int, logits_name: str = "logits") -> np.ndarray:
+    """Run the prompt through the step graph in chunks; returns the last position's logits (R, V)."""
+    for start in range(0, batch.ids.shape[1], chunk):
+        sl = slice(start, start + chunk)
+        ids, mask, pos = batch.ids[:, sl], batch.mask[:, sl], batch.positions[:, sl]
+        try:
+            outputs = engine.run(cache.feeds(ids, mask, pos))
+        except EngineError as e:
+            raise EngineError(f"prefill of prompt tokens {start}..{start + ids.shape[1]}: {e}") from None
+        cache.advance(outputs, mask, pos)
+    return outputs[logits_name]
+
+
+def decode_step(engine: Engine, cache: KVCache, ids: np.ndarray, step: int, logits_name: str = "logits"):
+    """Feed one new token per row (R,) and return the next logits (R, V)."""
+    ids = ids.reshape(-1, 1).astype(np.int64)
+    mask = np.ones_like(ids)
+    pos = cache.next_positions.reshape(-1, 1)
+    try:
+        outputs = engine.run(cache.feeds(ids, mask, pos))
+    except EngineError as e:
+        raise EngineError(f"decode step {step}: {e}") from None
+    cache.advance(outputs, mask, pos)
+    return outputs[logits_name]
+
+
+def generate(engine: Engine, cache: KVCache, batch: Batch, chain: list, select, opts: LoopOptions,
+             on_token: OnToken | None = None) -> np.ndarray:
+    """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
+    streams = opts.streams
+    logits = prefill(engine, cache, batch, opts.prefill_chunk)
+    tokens = np.zeros((batch.rows // streams, 0), dtype=np.int64)
+    done = np.zeros(tokens.shape[0], dtype=bool)
+    for step in range(opts.max_new_tokens):
+        scores = apply_chain(chain, logits, DecodeState(generated=tokens))   # (B, V)
+        ids = np.where(done, opts.pad_id, select(scores))                       # (B,)
+        tokens = np.concatenate([tokens, ids[:, None]], axis=1)
+        done |= ids == opts.eos_id
+        if on_token is not None:
+            on_token(step, ids)
+        if done.all() or step + 1 == opts.max_new_tokens:
+            break
+        logits = decode_step(engine, cache, np.tile(ids, streams), step)      # every stream gets the id
+    return tokens
+

@@ -1,0 +1,346 @@
+"""The Python API: `load(bundle_dir)` -> `Emu3` with `.chat(...)` and `.generate_image(...)`.
+
+chat:            images -> VQ encoder -> codes -> prompt ids -> generate -> text
+generate_image:  prompt ids (+ negative prompt ids under CFG) -> generate with the grid constraint
+                 -> tokens -> (h, w) codes -> VQ decoder -> PIL images
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import image as imaging
+from .bundle import Bundle, load_bundle
+from .engines import Engine, OrtEngine, OrtOptions
+from .generate import LoopOptions, generate
+from .kv_cache import KVCache
+from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
+from .sampling import Greedy, Sample, VisualGridConstraint, build_chain
+
+# The embedded tiny bundle: models/emu3-tiny in a checkout, emu3_rt/models/emu3-tiny in an installed wheel.
+_HERE = Path(__file__).resolve().parent
+DEFAULT_BUNDLE = next((p for p in (_HERE.parent / "models" / "emu3-tiny", _HERE / "models" / "emu3-tiny")
+                       if (p / "bundle.json").is_file()), _HERE / "models" / "emu3-tiny")
+
+
+class GenerationError(RuntimeError):
+    """Generation finished but its output is not what the model must produce (e.g. a broken image grid)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    # argmax decoding; when False, temperature -> top-k -> top-p -> a seeded multinomial draw
+    greedy: bool = False
+    temperature: float = 1.0
+    # candidates kept per step (Emu3's reference: 2048)
+    top_k: int = 2048
+    top_p: float = 1.0
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, **overrides) -> SamplingOptions:
+        s = bundle.search
+        base = dict(greedy=not s.get("do_sample", True), temperature=s["temperature"], top_k=s["top_k"],
+                    top_p=s["top_p"])
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def validate(self) -> None:
+        if not self.greedy:
+            if not (math.isfinite(self.temperature) and self.temperature > 0):
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            if not (0 < self.top_p <= 1):
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    tokens: list[list[int]]     # generated ids per row, EOS included when reached
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    images: list[Image.Image]
+    prompt_ids: list[list[int]]
+    tokens: list[list[int]]     # h*(w+1)+3 ids per row: visual rows with EOL, then EOF, EOI, EOS
+    grids: list[tuple[int, int]]
+    seed: int | None
+    negative_prompt: str | None
+    cfg_scale: float
+
+
+def _seeded(options: SamplingOptions, seed: int | None):
+    """The selector and the seed actually used (None for greedy decoding)."""
+    if options.greedy:
+        return Greedy(), None
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    return Sample(np.random.default_rng(seed)), seed
+
+
+def _as_list(x) -> list:
+    return [x] if isinstance(x, str) else list(x)
+
+
+class Emu3:
+    """One loaded bundle. Safe to share between threads: each call holds the model's lock while it runs."""
+
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine]):
+        self.bundle = bundle
+        self.engines = engines
+        self.prompts = PromptEncoder(bundle)
+        self.image_config = imaging.ImageConfig.from_manifest(bundle.manifest["image_processor"])
+        self._lock = threading.Lock()
+        # id -> code table for decoding generated images (-1 for non-visual ids)
+        self._id_to_code = np.full(bundle.vocab_size, -1, dtype=np.int64)
+        self._id_to_code[bundle.visual_ids] = np.arange(len(bundle.visual_ids))
+
+    # ---- stages ----
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """PIL images -> (h, w) code grids. As Emu3ImageProcessor + vqmodel.encode: one zero-padded batch, cropped."""
+        if not images:
+            return []
+        pixels = imaging.preprocess_batch(list(images), self.image_config)       # [(3, H_i, W_i)]
+        hmax, wmax = max(p.shape[1] for p in pixels), max(p.shape[2] for p in pixels)
+        batch = np.zeros((len(pixels), 3, hmax, wmax), dtype=np.float32)
+        for i, p in enumerate(pixels):
+            batch[i, :, : p.shape[1], : p.shape[2]] = p
+        codes = self.engines["vq_encoder"].run({"pixel_values": batch})["codes"]  # (N, hmax/8, wmax/8)
+        f = self.bundle.spatial_factor
+        return [codes[i, : p.shape[1] // f, : p.shape[2] // f] for i, p in enumerate(pixels)]
+
+    def decode_image(self, tokens: np.ndarray, h: int, w: int) -> list[Image.Image]:
+        """(N, >= h*(w+1)) generated ids of same-size images -> PIL images (VQ decoder + postprocess)."""
+        grid = tokens[:, : h * (w + 1)].reshape(-1, h, w + 1)[:, :, :w]
+        codes = self._id_to_code[grid]
+        if (codes < 0).any():
+            raise GenerationError("a generated image holds non-visual tokens inside its grid")
+        pixels = self.engines["vq_decoder"].run({"codes": codes})["pixel_values"]
+        return imaging.postprocess(pixels, self.image_config)
+
+    def _run(self, batch: Batch, chain: list, select, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
+        cache = KVCache(self.bundle, batch.rows)
+        opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
+                           pad_id=self.bundle.tokens.pad, prefill_chunk=self.bundle.search["prefill_chunk"],
+                           streams=streams)
+        return generate(self.engines["decoder"], cache, batch, chain, select, opts, on_token)
+
+    # ---- chat ----
+
+    def chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
+             raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
+             seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> ChatResult:
+        """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
+
+        raw=False renders the bundle's chat template (system, then USER: images + text, then ASSISTANT:);
+        raw=True uses the text as is, with one `<image>` placeholder per image. on_text(row, delta) streams text.
+        """
+        prompts = _as_list(prompts)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise PromptError("the prompt is empty")
+        if len(prompts) == 1:
+            per_prompt = [list(images or [])]
+        else:
+            per_prompt = [list(x or []) for x in (images or [[]] * len(prompts))]
+        if len(per_prompt) != len(prompts):
+            raise PromptError(f"{len(prompts)} prompts but {len(per_prompt)} image lists")
+        sampling = sampling or SamplingOptions.from_bundle(self.bundle)
+        sampling.validate()
+        max_new = max_new_tokens or self.bundle.search["max_new_tokens"]
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        with self._lock:
+            codes = self.encode_images([im for ims in per_prompt for im in ims])
+            ids, k = [], 0
+            for text, ims in zip(prompts, per_prompt):
+                if not raw:
+                    content = [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]
+                    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
+                    text = self.prompts.render_chat(messages + [{"role": "user", "content": content}])
+                ids.append(self.prompts.encode_chat(text, codes[k: k + len(ims)]))
+                k += len(ims)
+            longest = max(map(len, ids))
+            room = self.bundle.context_length - longest
+            if room < 1:
+                raise PromptError(f"the prompt is {longest} tokens; the model's context is "
+                                  f"{self.bundle.context_length}")
+            max_new = min(max_new, room)
+            select, seed = _seeded(sampling, seed)
+            chain = build_chain(cfg_scale=1.0, grid=None, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, greedy=sampling.greedy)
+            stream = _TextStream(self.prompts, len(prompts), self.bundle.tokens.eos, on_text) if on_text else None
+
+            def tick(step, new):
+                if stream:
+                    stream(new)
+                if on_token:
+                    on_token(step, new)
+
+            tokens = self._run(make_batch(ids, None, self.bundle.tokens.pad), chain, select, max_new, 1, tick)
+        rows = [_until_eos(t, self.bundle.tokens.eos) for t in tokens]
+        texts = [self.prompts.decode(r) for r in rows]
+        return ChatResult(texts, ids, rows, seed)
+
+    # ---- text to image ----
+
+    def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+                       cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
+                       image_area: int | None = None, sampling: SamplingOptions | None = None,
+                       seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
+                       on_preview: Callable[[int, int, Image.Image], None] | None = None,
+                       preview_every: int = 0) -> ImageResult:
+        """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
+
+        ratio is "W:H" (one for all prompts, or one per prompt); image_area is in pixels. on_preview(row,
+        rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
+        """
+        prompts = _as_list(prompts)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise PromptError("the prompt is empty")
+        s = self.bundle.search
+        cfg = s["cfg_scale"] if cfg_scale is None else float(cfg_scale)
+        if not (math.isfinite(cfg) and cfg >= 0):
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
+        ratios = _as_list(ratio or s["ratio"])
+        if len(ratios) == 1:
+            ratios *= len(prompts)
+        if len(ratios) != len(prompts):
+            raise PromptError(f"{len(prompts)} prompts but {len(ratios)} ratios")
+        area = image_area or s["image_area"]
+        if area < 1:
+            raise ValueError(f"image_area must be >= 1 pixel, got {area}")
+        grids = [calculate_generate_size(r, area, self.bundle.spatial_factor) for r in ratios]
+        sampling = sampling or SamplingOptions.from_bundle(self.bundle)
+        sampling.validate()
+        use_cfg = cfg != 1.0  # Transformers only builds the CFG processor for a scale != 1
+        negative = (negative_prompt if negative_prompt is not None else s["negative_prompt"]) if use_cfg else None
+
+        cond = [self.prompts.encode_image_prompt(p, h, w) for p, (h, w) in zip(prompts, grids)]
+        uncond = [self.prompts.encode_image_prompt(negative, h, w) for h, w in grids] if use_cfg else None
+        need = max(len(c) + h * (w + 1) + 3 for c, (h, w) in zip(cond + (uncond or []), grids * 2))
+        if need > self.bundle.context_length:
+            raise PromptError(f"prompt plus a {grids[0][0]}x{grids[0][1]} image needs {need} positions; the "
+                              f"model's context is {self.bundle.context_length} (lower --image-area)")
+        n_new = max(h * (w + 1) + 3 for h, w in grids)
+        grid = VisualGridConstraint(
+            heights=np.array([h for h, _ in grids]), widths=np.array([w for _, w in grids]),
+            visual_ids=np.sort(self.bundle.visual_ids), eol=self.bundle.tokens.eol, eof=self.bundle.tokens.eof,
+            eoi=self.bundle.tokens.eoi, eos=self.bundle.tokens.eos, pad=self.bundle.tokens.pad,
+            vocab_size=self.bundle.vocab_size)
+        with self._lock:
+            select, seed = _seeded(sampling, seed)
+            chain = build_chain(cfg_scale=cfg, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, greedy=sampling.greedy)
+            preview = _Preview(self, grids, preview_every, on_preview) if on_preview and preview_every > 0 else None
+
+            def tick(step, new):
+                if preview:
+                    preview(new)
+                if on_token:
+                    on_token(step, new)
+
+            tokens = self._run(make_batch(cond, uncond, self.bundle.tokens.pad), chain, select, n_new,
+                               2 if use_cfg else 1, tick)
+            images: list[Image.Image | None] = [None] * len(prompts)
+            for (h, w) in sorted(set(grids)):
+                idx = [i for i, g in enumerate(grids) if g == (h, w)]
+                for i in idx:
+                    check_image_tokens(tokens[i], h, w, self.bundle)
+                for i, im in zip(idx, self.decode_image(tokens[idx], h, w)):
+                    images[i] = im
+        rows = [tokens[i, : h * (w + 1) + 3].tolist() for i, (h, w) in enumerate(grids)]
+        return ImageResult(images, cond, rows, grids, seed, negative, cfg)
+
+
+def check_image_tokens(tokens: np.ndarray, h: int, w: int, bundle: Bundle) -> None:
+    """h*(w+1)+3 tokens: w visual ids and an EOL per row, then EOF, EOI, EOS. Raises GenerationError otherwise."""
+    t, n = bundle.tokens, h * (w + 1)
+    if len(tokens) < n + 3:
+        raise GenerationError(f"the image stopped after {len(tokens)} of {n + 3} tokens")
+    grid = np.asarray(tokens[:n]).reshape(h, w + 1)
+    visual = np.isin(grid[:, :w], bundle.visual_ids)
+    if not (grid[:, w] == t.eol).all() or not visual.all() or list(tokens[n: n + 3]) != [t.eof, t.eoi, t.eos]:
+        raise GenerationError(f"the generated tokens do not form a {h}x{w} image grid (EOL per row, EOF, EOI, EOS)")
+
+
+def _until_eos(tokens: np.ndarray, eos: int) -> list[int]:
+    hits = np.flatnonzero(tokens == eos)
+    return tokens[: hits[0] + 1].tolist() if len(hits) else tokens.tolist()
+
+
+class _TextStream:
+    """Turns per-step ids into text deltas per row (decoding the whole row each time keeps UTF-8 intact)."""
+
+    def __init__(self, prompts: PromptEncoder, rows: int, eos: int, on_text):
+        self.prompts, self.eos, self.on_text = prompts, eos, on_text
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.text = [""] * rows
+        self.done = [False] * rows
+
+    def __call__(self, new: np.ndarray) -> None:
+        for r, tok in enumerate(new.tolist()):
+            if self.done[r]:
+                continue
+            self.done[r] = tok == self.eos
+            self.ids[r].append(tok)
+            text = self.prompts.decode(self.ids[r])
+            if len(text) > len(self.text[r]) and not text.endswith("\ufffd"):
+                self.on_text(r, text[len(self.text[r]):])
+                self.text[r] = text
+
+
+class _Preview:
+    """Every `every` completed grid rows, decode what exists and paste it on a grey canvas."""
+
+    def __init__(self, model: Emu3, grids, every: int, on_preview):
+        self.model, self.grids, self.every, self.on_preview = model, grids, every, on_preview
+        self.tokens: list[list[int]] = [[] for _ in grids]
+        self.shown = [0] * len(grids)
+
+    def __call__(self, new: np.ndarray) -> None:
+        for r, tok in enumerate(new.tolist()):
+            h, w = self.grids[r]
+            self.tokens[r].append(tok)
+            rows = min(h, len(self.tokens[r]) // (w + 1))
+            if rows > self.shown[r] and (rows % self.every == 0 or rows == h):
+                self.shown[r] = rows
+                part = self.model.decode_image(np.array([self.tokens[r][: rows * (w + 1)]]), rows, w)[0]
+                f = self.model.bundle.spatial_factor
+                canvas = Image.new("RGB", (w * f, h * f), (128, 128, 128))
+                canvas.paste(part, (0, 0))
+                self.on_preview(r, rows, canvas)
+
+
+def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
+         verify: bool = False, device_id: int = 0) -> Emu3:
+    """Load a bundle (default: the embedded tiny one).
+
+    engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
+    engine "trt": the bundle's own TensorRT plans (built by `python -m export.build_trt`), checked before use.
+    Graph sessions are created lazily on first use; verify=True hashes every file first (about 1 s per GB).
+    """
+    bundle = load_bundle(bundle_dir or DEFAULT_BUNDLE, verify=verify)
+    keys = ("decoder", "vq_encoder", "vq_decoder")
+    if engine == "ort":
+        opts = OrtOptions(device=device, threads=threads, device_id=device_id)
+        engines = {key: OrtEngine(getattr(bundle, key), opts) for key in keys}
+    elif engine == "trt":
+        from .engines.trt import TrtEngine, plan_for
+
+        engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
+    else:
+        raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
+    return Emu3(bundle, engines)

@@ -1,0 +1,176 @@
+"""Prompts -> token ids, identical to Transformers' Emu3Processor (with the `tokenizers` library only).
+
+Chat:           BOS + (rendered chat template | raw text), each `<image>` expanded to
+                BOI "h*w" IMG, h rows of (w visual ids + EOL), EOF, EOI   (codes from the VQ encoder)
+Text-to-image:  BOS + text + BOI "h*w" IMG                                 (the model draws the rest)
+Batches are left-padded; `Batch` carries ids, mask and position ids (R, L) for the decoder step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+from .bundle import Bundle
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built (image count mismatch, empty prompt, bad ratio). One line."""
+
+
+# ---- chat template ----
+
+def compile_chat_template(source: str):
+    """Jinja as Transformers renders chat templates: sandboxed, trim/lstrip blocks, `{% generation %}` kept."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        # Transformers tracks assistant spans with this tag; for rendering it is a plain pass-through block.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def calculate_generate_size(ratio: str, image_area: int, spatial_factor: int) -> tuple[int, int]:
+    """`ratio` "W:H" and an area in pixels -> the (h, w) token grid, exactly as Emu3Processor computes it."""
+    try:
+        width, height = map(int, ratio.split(":"))
+    except ValueError:
+        raise PromptError(f"ratio must look like W:H with positive integers, got {ratio!r}") from None
+    if width <= 0 or height <= 0:
+        raise PromptError(f"ratio must look like W:H with positive integers, got {ratio!r}")
+    target = (image_area / (width * height)) ** 0.5
+    h, w = int(round(height * target / spatial_factor)), int(round(width * target / spatial_factor))
+    if h < 1 or w < 1:
+        raise PromptError(f"image area {image_area} at ratio {ratio} gives an empty {h}x{w} token grid")
+    return h, w
+
+
+# ---- batches ----
+
+@dataclass(frozen=True)
+class Batch:
+    ids: np.ndarray        # (R, L) int64, left-padded with pad ids
+    mask: np.ndarray       # (R, L) int64, 0 on padding
+    positions: np.ndarray  # (R, L) int64
+    lengths: tuple[int, ...]  # unpadded length per row
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, seqs)) if width is None else width
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):] = s
+            mask[r, width - len(s):] = 1
+    return ids, mask
+
+
+def make_batch(cond: list[list[int]], uncond: list[list[int]] | None, pad_id: int) -> Batch:
+    """Rows [cond..., uncond...] left-padded to one width, with the position ids Transformers would use.
+
+    cond rows: generate's cumsum(mask) - 1.  uncond rows: Transformers runs the negative prompts as a separate
+    left-padded batch with no position ids, so the model counts arange over *that* batch's padded width,
+    padding included (emu3-reference 4.3); we reproduce those positions inside the wider shared batch.
+    """
+    rows = cond + (uncond or [])
+    ids, mask = left_pad(rows, pad_id)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    if uncond:
+        neg_width = max(map(len, uncond))
+        offset = ids.shape[1] - neg_width
+        positions[len(cond):] = np.maximum(np.arange(ids.shape[1]) - offset, 0)
+    return Batch(ids, mask, positions.astype(np.int64), tuple(map(len, rows)))
+
+
+# ---- the encoder ----
+
+class PromptEncoder:
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        self.tokens = bundle.tokens
+        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self._template = None
+
+    # text
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """`processor.apply_chat_template(messages, add_generation_prompt=True)`, as a string."""
+        if self._template is None:
+            self._template = compile_chat_template(self.bundle.chat_template_path.read_text(encoding="utf-8"))
+        t = self.tokens.text
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])
+
+    # images inside a prompt
+
+    def image_block(self, codes: np.ndarray) -> list[int]:
+        """(h, w) codes -> the ids that replace one expanded `<image>`: visual ids with an EOL after each row."""
+        h, w = codes.shape
+        grid = np.empty((h, w + 1), dtype=np.int64)
+        grid[:, :w] = self.bundle.visual_ids[codes]
+        grid[:, w] = self.tokens.eol
+        return grid.reshape(-1).tolist()
+
+    def encode_chat(self, text: str, image_codes: list[np.ndarray]) -> list[int]:
+        """BOS + text with each `<image>` expanded, placeholders filled with the images' codes, in order."""
+        n = text.count(IMAGE_PLACEHOLDER)
+        if n != len(image_codes):
+            raise PromptError(f"the prompt has {n} <image> placeholder(s) but {len(image_codes)} image(s) were given")
+        t = self.tokens.text
+        parts = text.split(IMAGE_PLACEHOLDER)
+        expanded = parts[0]
+        for codes, rest in zip(image_codes, parts[1:]):
+            h, w = codes.shape
+            expanded += (f"{t['boi']}{h}*{w}{t['image_wrapper']}" + IMAGE_PLACEHOLDER * (h * (w + 1))
+                         + f"{t['eof']}{t['eoi']}" + rest)
+        ids = np.asarray(self.encode_text(t["bos"] + expanded), dtype=np.int64)
+        slots = np.flatnonzero(ids == self.tokens.image)
+        fill = [i for codes in image_codes for i in self.image_block(codes)]
+        if len(slots) != len(fill):
+            raise PromptError(f"the prompt text itself contains image placeholder ids ({len(slots)} slots for "
+                              f"{len(fill)} image tokens)")
+        ids[slots] = fill
+        return ids.tolist()
+
+    def encode_image_prompt(self, text: str, h: int, w: int) -> list[int]:
+        """Text-to-image prompt: BOS + text + BOI "h*w" IMG (Emu3Processor, return_for_image_generation)."""
+        t = self.tokens.text
+        return self.encode_text(f"{t['bos']}{text}{t['boi']}{h}*{w}{t['image_wrapper']}")

@@ -1,0 +1,115 @@
+"""`python -m export.build_trt --bundle models/NAME`: build TensorRT plans for a bundle's graphs, on the target GPU.
+
+Plans are executables tied to one GPU architecture and one TensorRT version, so they are built where they run
+and recorded in `trt/plans.json` inside the bundle (GPU compute capability, TensorRT version, sha256 of each
+plan and of the ONNX it came from). The runtime loads a plan only from that directory and only when all match.
+
+The decoder step gets two optimization profiles: prefill (seq 1..prefill_chunk, past 0..context) and decode
+(seq 1, past 0..context); rows up to --max-batch (2 x prompts under CFG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list[dict[str, tuple]]:
+    """Per profile: input name -> (min, opt, max) shapes."""
+    model = manifest["model"]
+    if graph == "vq_encoder":
+        return [{"pixel_values": ((1, 3, 8, 8), (1, 3, 512, 512), (max_batch, 3, max_side, max_side))}]
+    if graph == "vq_decoder":
+        side = max_side // 8
+        return [{"codes": ((1, 1, 1), (1, 64, 64), (max_batch, side, side))}]
+    dec = model["decoder"]
+    ctx, chunk = model["context_length"], manifest["search"]["prefill_chunk"]
+    kv, d = dec["num_key_value_heads"], dec["head_size"]
+    past_names = [dec["inputs"][f"past_{k}_names"] % i
+                  for i in range(dec["num_hidden_layers"]) for k in ("key", "value")]
+    profiles = []
+    for seq, past in (((1, chunk, chunk), (0, 0, ctx - 1)), ((1, 1, 1), (1, 1024, ctx - 1))):
+        p = {"input_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
+             "position_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
+             "attention_mask": tuple((b, s + q) for b, s, q in zip((1, 2, max_batch), seq, past))}
+        for name in past_names:
+            p[name] = tuple((b, kv, q, d) for b, q in zip((1, 2, max_batch), past))
+        profiles.append(p)
+    return profiles
+
+
+def build_plan(onnx_path: Path, plan_path: Path, profiles: list[dict], workspace_gb: int = 8) -> None:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TRT 10; TRT 11 is strongly typed always
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_gb << 30)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"{onnx_path.name}: TensorRT build failed (see the log above)")
+    plan_path.write_bytes(bytes(plan))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.build_trt", description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--graphs", nargs="+", default=["decoder_step", "vq_encoder", "vq_decoder"],
+                    choices=["decoder_step", "vq_encoder", "vq_decoder"])
+    ap.add_argument("--max-batch", type=int, default=2)
+    ap.add_argument("--max-image-side", type=int, default=1024, help="largest image side in pixels")
+    args = ap.parse_args(argv)
+    try:
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        print("build_trt: error: needs the trt extra (tensorrt + cuda-python) and a GPU", file=sys.stderr)
+        return 2
+    manifest = json.loads((args.bundle / "bundle.json").read_text())
+    err, prop = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        print(f"build_trt: error: no CUDA device ({err})", file=sys.stderr)
+        return 2
+    sm = f"{prop.major}.{prop.minor}"
+    out_dir = args.bundle / "trt"
+    out_dir.mkdir(exist_ok=True)
+    record = {"tensorrt": trt.__version__, "sm": sm, "gpu": prop.name.decode(errors="replace").strip("\x00"),
+              "plans": {}}
+    for graph in args.graphs:
+        key = "decoder" if graph == "decoder_step" else graph
+        onnx_path = args.bundle / manifest["model"][key]["filename"]
+        plan_path = out_dir / f"{graph}.sm{sm.replace('.', '')}.trt{trt.__version__}.plan"
+        build_plan(onnx_path, plan_path, _profiles(manifest, key, args.max_batch, args.max_image_side))
+        record["plans"][key] = {"filename": plan_path.name, "sha256": _sha256(plan_path),
+                                "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]}
+        print(f"built {plan_path}", file=sys.stderr)
+    (out_dir / "plans.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
