@@ -58,8 +58,10 @@ class ClassifierFreeGuidance:
             return cond
         with np.errstate(invalid="ignore", over="ignore"):
             out = np.float32(self.scale) * (cond - uncond) + uncond
-        # -inf - -inf is NaN: a token impossible in both streams stays impossible; overflow saturates to -inf/+inf
-        return np.where(np.isnan(out) & (np.isneginf(cond) | np.isneginf(uncond)), -np.inf, out)
+        # computed in float32 like Transformers; then made safe for extreme logits: -inf - -inf (NaN) means the
+        # token is impossible -> -inf, and an overflow to +inf saturates at the largest float32
+        out = np.where(np.isnan(out), -np.inf, out)
+        return np.where(np.isposinf(out), np.finfo(np.float32).max, out).astype(np.float32)
 
 
 class VisualGridConstraint:
