@@ -1,0 +1,234 @@
+"""Side-by-side CPU benchmark: Transformers `generate` vs emu3_rt on the same seeded checkpoint, in one run.
+
+    python -m benchmarks.e2e [--config tiny|mid] [--grid H W] [--variant opset18|opset23] [--threads N]
+                             [--json OUT] [--plot OUT.png]
+
+The checkpoint (mid: 8 layers, hidden 512, 8/4 heads, the real 184,622-id vocabulary and 32,768-code codebook)
+is built and exported once into benchmarks/.cache/. Every emu3_rt result is asserted token-equal to Transformers
+(greedy) before its time is reported. Needs the export extra (torch + transformers) for the reference side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+NEGATIVE = "lowres, bad anatomy, bad hands, text, error, blurry."
+
+
+def prepare(config: str, variant: str) -> tuple[Path, Path]:
+    from export.build import ExportOptions, build_bundle
+    from export.tiny import build_checkpoint
+
+    ck, bundle = CACHE / config / "checkpoint", CACHE / config / f"bundle-{variant}"
+    if not (ck / "config.json").is_file():
+        print(f"building {config} checkpoint in {ck}", file=sys.stderr)
+        build_checkpoint(ck, config, seed=0)
+    if not (bundle / "bundle.json").is_file():
+        print(f"exporting {bundle}", file=sys.stderr)
+        build_bundle(ck, bundle, ExportOptions(opset=23 if variant == "opset23" else 18, overwrite=True),
+                     log=lambda m: print(m, file=sys.stderr))
+    return ck, bundle
+
+
+class TimedEngine:
+    """Wraps an engine and accumulates the time spent inside run()."""
+
+    def __init__(self, inner):
+        self.inner, self.spec, self.seconds, self.calls = inner, inner.spec, 0.0, 0
+
+    def run(self, feeds):
+        t = time.perf_counter()
+        out = self.inner.run(feeds)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        return out
+
+
+def best_of(n: int, fn):
+    times, result = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+# ---- the measurements ----
+
+def bench_image(hf_model, processor, model, grid, repeats):
+    from tests import hf_reference as ref
+
+    h, w = grid
+    ratio, area = f"{w}:{h}", 64 * h * w
+    prompt = "a portrait of young girl. masterpiece, film grained, best quality."
+    t_hf, (_, hf_tokens, grids, _) = best_of(repeats, lambda: ref.text_to_image(
+        str(ref_ck), [prompt], [ratio], area, 3.0, NEGATIVE))
+    assert grids == [(h, w)], grids
+    from emu3_rt import SamplingOptions
+
+    t_rt, r = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0, ratio=ratio,
+                                                             image_area=area, sampling=SamplingOptions(greedy=True)))
+    assert r.tokens == hf_tokens, "emu3_rt and Transformers disagree on the image tokens"
+    return {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt}
+
+
+def bench_chat(model, new_tokens, repeats):
+    from tests import hf_reference as ref
+
+    text = "please describe the picture of the old house at night in detail, with the river and the trees"
+    t_hf, (_, hf_tokens) = best_of(repeats, lambda: ref.chat(str(ref_ck), [ref.template(str(ref_ck), text, 0)], None,
+                                                            new_tokens))
+    from emu3_rt import SamplingOptions
+
+    t_rt, r = best_of(repeats, lambda: model.chat(text, sampling=SamplingOptions(greedy=True),
+                                                  max_new_tokens=new_tokens))
+    assert r.tokens == hf_tokens, "emu3_rt and Transformers disagree on the chat tokens"
+    n = len(r.tokens[0])
+    return {"new_tokens": n, "hf_tok_s": n / t_hf, "emu3_rt_tok_s": n / t_rt, "speedup": t_hf / t_rt}
+
+
+def bench_prefill(hf_model, model, length, repeats):
+    import torch
+
+    from emu3_rt.generate import prefill
+    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.prompt import make_batch
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.bundle.vocab_size, length).tolist()
+    batch = make_batch([ids], None, model.bundle.tokens.pad)
+    chunk = model.bundle.search["prefill_chunk"]
+    t_rt, logits = best_of(repeats, lambda: prefill(model.engines["decoder"], KVCache(model.bundle, 1), batch, chunk))
+
+    def hf():
+        with torch.no_grad():
+            return hf_model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[:, -1].float().numpy()
+
+    t_hf, ref_logits = best_of(repeats, hf)
+    assert np.argmax(logits) == np.argmax(ref_logits)
+    return {"prompt": length, "hf_ms": 1e3 * t_hf, "emu3_rt_ms": 1e3 * t_rt, "speedup": t_hf / t_rt}
+
+
+def bench_steps(hf_model, model, context, steps=16):
+    """ms per decode step at a given context, split into engine time and host (numpy) time; and HF's."""
+    import torch
+    from transformers import DynamicCache
+
+    from emu3_rt.generate import decode_step, prefill
+    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.prompt import make_batch
+    from emu3_rt.sampling import DecodeState, Greedy, apply_chain, build_chain
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, model.bundle.vocab_size, context).tolist()
+    engine = TimedEngine(model.engines["decoder"])
+    cache = KVCache(model.bundle, 1)
+    logits = prefill(engine, cache, make_batch([ids], None, model.bundle.tokens.pad), 512)
+    chain, select = build_chain(cfg_scale=1.0, grid=None, temperature=1.0, top_k=1, top_p=1.0, greedy=True), Greedy()
+    engine.seconds = 0.0
+    tokens = np.zeros((1, 0), dtype=np.int64)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        nxt = select(apply_chain(chain, logits, DecodeState(tokens)))
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        logits = decode_step(engine, cache, nxt, step)
+    total = (time.perf_counter() - t0) / steps
+    eng = engine.seconds / steps
+
+    cache_hf = DynamicCache(config=hf_model.config.text_config)
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor([ids]), past_key_values=cache_hf, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = hf_model(input_ids=nxt, past_key_values=cache_hf, use_cache=True, logits_to_keep=1)  # warm-up
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = hf_model(input_ids=nxt, past_key_values=cache_hf, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        hf_ms = 1e3 * (time.perf_counter() - t0) / steps
+    return {"context": context, "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng, "host_ms": 1e3 * (total - eng),
+            "host_share": (total - eng) / total, "hf_ms": hf_ms}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ref_ck
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=["tiny", "mid"], default="mid")
+    ap.add_argument("--grid", nargs=2, type=int, default=[16, 16], metavar=("H", "W"))
+    ap.add_argument("--variant", choices=["opset18", "opset23"], default="opset18")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chat-tokens", type=int, default=64)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of ms/step vs context (needs matplotlib)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import emu3_rt
+    from tests import hf_reference as ref
+
+    torch.set_num_threads(args.threads)
+    ref_ck, bundle = prepare(args.config, args.variant)
+    hf_model, processor = ref.load(str(ref_ck))
+    hf_model.set_attn_implementation("eager")   # "eager, CFG as Transformers does it"
+    model = emu3_rt.load(bundle, threads=args.threads)
+
+    report = {"config": args.config, "variant": args.variant, "threads": args.threads,
+              "machine": f"{os.cpu_count()} cpus", "torch": torch.__version__}
+    report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats)
+    report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
+    report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
+    report["steps"] = [bench_steps(hf_model, model, c) for c in args.contexts]
+
+    im, ch = report["image"], report["chat"]
+    print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
+    print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3): HF {im['hf_s']:.2f} s, "
+          f"emu3_rt {im['emu3_rt_s']:.2f} s  -> {im['speedup']:.2f}x")
+    print(f"chat ({ch['new_tokens']} tokens): HF {ch['hf_tok_s']:.1f} tok/s, emu3_rt {ch['emu3_rt_tok_s']:.1f} tok/s"
+          f"  -> {ch['speedup']:.2f}x")
+    for p in report["prefill"]:
+        print(f"prefill {p['prompt']}: HF {p['hf_ms']:.0f} ms, emu3_rt {p['emu3_rt_ms']:.0f} ms -> {p['speedup']:.2f}x")
+    print(f"{'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'engine':>7} {'host':>6} {'host %':>7}")
+    for s in report["steps"]:
+        print(f"{s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} "
+              f"{100 * s['host_share']:6.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report["steps"], args.plot, args.config)
+    return 0
+
+
+def plot(steps, path, config):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [s["context"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(ctx, [s["hf_ms"] for s in steps], "o-", label="Transformers (eager)")
+    ax.plot(ctx, [s["emu3_rt_ms"] for s in steps], "o-", label="emu3_rt (ORT CPU)")
+    ax.plot(ctx, [s["engine_ms"] for s in steps], ":", label="emu3_rt engine only")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"{config} model, one row, CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+ref_ck: Path = CACHE
+
+if __name__ == "__main__":
+    sys.exit(main())
