@@ -74,8 +74,9 @@ def bench_image(hf_model, processor, model, grid, repeats):
     assert grids == [(h, w)], grids
     from emu3_rt import SamplingOptions
 
-    t_rt, r = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0, ratio=ratio,
-                                                             image_area=area, sampling=SamplingOptions(greedy=True)))
+    greedy = SamplingOptions(greedy=True)
+    t_rt, r = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
+                                                             ratio=ratio, image_area=area, sampling=greedy))
     assert r.tokens == hf_tokens, "emu3_rt and Transformers disagree on the image tokens"
     return {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt}
 

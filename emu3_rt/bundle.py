@@ -87,6 +87,9 @@ class GraphSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
 
 @dataclass(frozen=True)
 class Tokens:
@@ -111,6 +114,7 @@ class Bundle:
     vq_decoder: GraphSpec
     tokens: Tokens
     visual_ids: np.ndarray      # (codebook,) int64: code -> token id
+    logit_ids: np.ndarray | None  # (V_head,) int64: logits column -> token id, for a visual-only head; None = full
     tokenizer_path: Path
     chat_template_path: Path
 
@@ -199,6 +203,27 @@ def _visual_ids(manifest: dict, vocab_size: int) -> np.ndarray:
     return table
 
 
+def _logit_ids(manifest: dict, vocab_size: int) -> np.ndarray | None:
+    dec = manifest["model"]["decoder"]
+    head = dec.get("head", "full")
+    if head == "full":
+        return None
+    runs = dec.get("logit_id_runs")
+    if head != "visual" or not isinstance(runs, list) or not runs:
+        raise BundleError("bundle.json: field 'model.decoder.head' must be 'full', or 'visual' with logit_id_runs")
+    cols = []
+    for i, run in enumerate(runs):
+        if not (isinstance(run, list) and len(run) == 3 and all(isinstance(x, int) for x in run) and run[2] > 0
+                and run[0] == len(cols) and 0 <= run[1] and run[1] + run[2] <= vocab_size):
+            raise BundleError(f"bundle.json: field 'model.decoder.logit_id_runs[{i}]' must be [first_column, "
+                              f"first_id, count], contiguous columns, ids inside the vocabulary")
+        cols.extend(range(run[1], run[1] + run[2]))
+    ids = np.asarray(cols, dtype=np.int64)
+    if (np.diff(ids) <= 0).any():
+        raise BundleError("bundle.json: field 'model.decoder.logit_id_runs' must list increasing ids")
+    return ids
+
+
 def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     """Read and validate `path/bundle.json`. `verify=True` also checks every file's size and sha256."""
     root = Path(path)
@@ -228,7 +253,7 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
         root=root, manifest=manifest,
         decoder=_graph(manifest, root, "decoder"), vq_encoder=_graph(manifest, root, "vq_encoder"),
         vq_decoder=_graph(manifest, root, "vq_decoder"), tokens=_tokens(manifest, vocab),
-        visual_ids=_visual_ids(manifest, vocab),
+        visual_ids=_visual_ids(manifest, vocab), logit_ids=_logit_ids(manifest, vocab),
         tokenizer_path=_inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
         chat_template_path=_inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
     )

@@ -32,6 +32,8 @@ class LoopOptions:
     prefill_chunk: int = 512
     # rows per sequence: 1, or 2 under CFG (the batch holds B cond rows, then B uncond rows)
     streams: int = 1
+    # logits column -> token id, when the step graph has a reduced (visual-only) head
+    logit_ids: np.ndarray | None = None
 
 
 def prefill(engine: Engine, cache: KVCache, batch: Batch, chunk: int, logits_name: str = "logits") -> np.ndarray:
@@ -69,7 +71,8 @@ def generate(engine: Engine, cache: KVCache, batch: Batch, chain: list, select, 
     done = np.zeros(tokens.shape[0], dtype=bool)
     for step in range(opts.max_new_tokens):
         scores = apply_chain(chain, logits, DecodeState(generated=tokens))   # (B, V)
-        ids = np.where(done, opts.pad_id, select(scores))                       # (B,)
+        chosen = select(scores) if opts.logit_ids is None else opts.logit_ids[select(scores)]
+        ids = np.where(done, opts.pad_id, chosen)                                # (B,)
         tokens = np.concatenate([tokens, ids[:, None]], axis=1)
         done |= ids == opts.eos_id
         if on_token is not None:

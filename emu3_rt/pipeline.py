@@ -106,6 +106,15 @@ class Emu3:
         self._id_to_code = np.full(bundle.vocab_size, -1, dtype=np.int64)
         self._id_to_code[bundle.visual_ids] = np.arange(len(bundle.visual_ids))
 
+    def _column(self, ids):
+        """Token ids -> logits columns: identity for a full head, positions in logit_ids for a visual head."""
+        if self.bundle.logit_ids is None:
+            return ids
+        cols = np.searchsorted(self.bundle.logit_ids, ids)
+        if not np.array_equal(self.bundle.logit_ids[cols], ids):
+            raise ValueError("the bundle's visual head does not score every id image generation needs")
+        return cols if np.ndim(ids) else int(cols)
+
     # ---- stages ----
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
@@ -134,7 +143,7 @@ class Emu3:
         cache = KVCache(self.bundle, batch.rows)
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.bundle.search["prefill_chunk"],
-                           streams=streams)
+                           streams=streams, logit_ids=self.bundle.logit_ids)
         return generate(self.engines["decoder"], cache, batch, chain, select, opts, on_token)
 
     # ---- chat ----
@@ -151,6 +160,8 @@ class Emu3:
         prompts = _as_list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
             raise PromptError("the prompt is empty")
+        if self.bundle.logit_ids is not None:
+            raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
         if len(prompts) == 1:
             per_prompt = [list(images or [])]
         else:
@@ -235,11 +246,12 @@ class Emu3:
             raise PromptError(f"prompt plus a {grids[0][0]}x{grids[0][1]} image needs {need} positions; the "
                               f"model's context is {self.bundle.context_length} (lower --image-area)")
         n_new = max(h * (w + 1) + 3 for h, w in grids)
+        t = self.bundle.tokens
+        col = self._column  # token id -> logits column (identity for a full head)
         grid = VisualGridConstraint(
             heights=np.array([h for h, _ in grids]), widths=np.array([w for _, w in grids]),
-            visual_ids=np.sort(self.bundle.visual_ids), eol=self.bundle.tokens.eol, eof=self.bundle.tokens.eof,
-            eoi=self.bundle.tokens.eoi, eos=self.bundle.tokens.eos, pad=self.bundle.tokens.pad,
-            vocab_size=self.bundle.vocab_size)
+            visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
+            eos=col(t.eos), pad=col(t.pad), vocab_size=self.bundle.decoder.output("logits").dims[1])
         with self._lock:
             select, seed = _seeded(sampling, seed)
             chain = build_chain(cfg_scale=cfg, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,

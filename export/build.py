@@ -18,6 +18,7 @@ from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VARIANTS = {18: "opset18", 23: "opset23-fused"}  # 23: ONNX Attention / RMSNormalization / RotaryEmbedding
+HEADS = ("full", "visual")
 
 
 class ExportError(RuntimeError):
@@ -34,6 +35,9 @@ class ExportOptions:
     image_area: int | None = None
     # replace an existing bundle directory
     overwrite: bool = False
+    # "visual": the step graph scores only the visual ids + EOL/EOF/EOI/EOS/PAD (image generation only; CFG and the
+    # grid constraint give the same tokens on that sub-vocabulary, with a much smaller lm_head per step)
+    head: str = "full"
 
 
 def _versions() -> dict:
@@ -62,6 +66,15 @@ def load_checkpoint(checkpoint: Path, dtype: str):
     return model, processor
 
 
+def visual_head_ids(model, processor) -> list[int]:
+    """The ids image generation can ever produce: the visual tokens and EOL, EOF, EOI, EOS, PAD (sorted)."""
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    control = [vocab["<|extra_200|>"], vocab[tok.eof_token], vocab[tok.eoi_token], vocab[tok.eos_token],
+               vocab[tok.pad_token]]
+    return sorted(set(model.vocabulary_mapping.image_tokens) | set(control))
+
+
 def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                  log=lambda msg: None):
     """Export, verify and write a bundle; returns (manifest, checks). Raises ExportError on any failure."""
@@ -69,6 +82,8 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
 
     if options.opset not in VARIANTS:
         raise ExportError(f"--opset must be one of {sorted(VARIANTS)}, got {options.opset}")
+    if options.head not in HEADS:
+        raise ExportError(f"--head must be one of {HEADS}, got {options.head!r}")
     if options.dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -83,14 +98,16 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
     work.chmod(0o755)  # mkdtemp makes it 0700
     try:
         vq = model.model.vqmodel
+        head_ids = visual_head_ids(model, processor) if options.head == "visual" else None
         specs = {}
-        for name, fn, target in (("vq_encoder", export_onnx.export_vq_encoder, vq),
-                                 ("vq_decoder", export_onnx.export_vq_decoder, vq),
-                                 ("decoder_step", export_onnx.export_decoder_step, model)):
+        for name, fn in (("vq_encoder", lambda: export_onnx.export_vq_encoder(vq, work, 18)),
+                         ("vq_decoder", lambda: export_onnx.export_vq_decoder(vq, work, 18)),
+                         ("decoder_step", lambda: export_onnx.export_decoder_step(model, work, options.opset,
+                                                                                  head_ids))):
             t = time.perf_counter()
-            specs[name] = fn(target, work, options.opset if name == "decoder_step" else 18)
+            specs[name] = fn()
             log(f"exported {specs[name].file} in {time.perf_counter() - t:.1f}s")
-        checks = verify.verify_vq(vq, work) + verify.verify_decoder_step(model, work)
+        checks = verify.verify_vq(vq, work) + verify.verify_decoder_step(model, work, head_ids=head_ids)
         log(verify.format_table(checks))
         failed = [c for c in checks if not c.ok]
         if failed:
@@ -105,7 +122,7 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         manifest = write_bundle.build_manifest(
             model=model, processor=processor, checkpoint=checkpoint, out_dir=work, specs=specs,
             variant=VARIANTS[options.opset], opset=options.opset, dtype=DTYPES[options.dtype],
-            image_area=image_area, versions=_versions())
+            image_area=image_area, versions=_versions(), head_ids=head_ids)
         write_bundle.write_manifest(manifest, work)
         if out.exists():
             shutil.rmtree(out)
@@ -125,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int, choices=sorted(VARIANTS), default=18)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="decoder-step weights and KV cache")
     ap.add_argument("--image-area", type=int, default=None, help="default text-to-image area in pixels")
+    ap.add_argument("--head", choices=HEADS, default="full",
+                    help="visual: an image-generation-only bundle whose step graph scores only visual + control ids")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite)
+    options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite,
+                            head=args.head)
     try:
         build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2

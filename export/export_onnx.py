@@ -151,12 +151,12 @@ def export_vq_decoder(vqmodel, out_dir: Path, opset: int) -> GraphSpec:
     return spec
 
 
-def export_decoder_step(model, out_dir: Path, opset: int) -> GraphSpec:
+def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | None = None) -> GraphSpec:
     tc = model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     dtype = next(model.parameters()).dtype
-    spec = step_specs(tc.num_hidden_layers, tc.num_key_value_heads, head_dim, tc.vocab_size,
-                      str(dtype).removeprefix("torch."))
+    spec = step_specs(tc.num_hidden_layers, tc.num_key_value_heads, head_dim,
+                      tc.vocab_size if head_ids is None else len(head_ids), str(dtype).removeprefix("torch."))
     # B=2, S=3, P=5 so that no dim is 0 or 1 at trace time
     b, s, p = 2, 3, 5
     ids = torch.randint(0, tc.vocab_size, (b, s))
@@ -167,6 +167,6 @@ def export_decoder_step(model, out_dir: Path, opset: int) -> GraphSpec:
     past_len, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 21)
     # forward(*past) is a varargs parameter: its dims go in as one tuple
     dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
-    _export(DecoderStep(model).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
+    _export(DecoderStep(model, head_ids).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
             _weight_bytes(model) - _weight_bytes(model.model.vqmodel))
     return spec

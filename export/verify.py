@@ -66,7 +66,8 @@ def _positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
-def verify_decoder_step(model, out_dir: Path, seed: int = 0) -> list[Check]:
+def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int] | None = None) -> list[Check]:
+    """head_ids: the graph scores only these vocabulary columns (a visual-only head)."""
     from transformers import DynamicCache
 
     tc = model.config.text_config
@@ -100,6 +101,8 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0) -> list[Check]:
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         got = dict(zip(out_names, sess.run(out_names, feeds)))
         ref_logits = ref.logits[:, -1].float().numpy()
+        if head_ids is not None:
+            ref_logits = ref_logits[:, head_ids]
         scale = max(1.0, float(np.abs(ref_logits).max()))
         case = f"B={b} P={p} S={s}" + (f" leftpad={pad}" if pad else "")
         checks.append(Check("decoder_step", case, "max |d logit| / scale",

@@ -79,12 +79,20 @@ class VQDecoder(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """One graph for prefill (P = 0), chunked prefill and decode, with an explicit per-layer KV cache."""
+    """One graph for prefill (P = 0), chunked prefill and decode, with an explicit per-layer KV cache.
 
-    def __init__(self, model):
+    head_ids: keep only these rows of lm_head (the visual-only head for image generation): logits (B, len(ids)),
+    column j scoring vocabulary id head_ids[j].
+    """
+
+    def __init__(self, model, head_ids: list[int] | None = None):
         super().__init__()
         self.text_model = model.model.text_model
         self.lm_head = model.lm_head
+        if head_ids is not None:
+            weight = model.lm_head.weight.detach()[torch.as_tensor(head_ids)]
+            self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+            self.lm_head.weight.data.copy_(weight)
         self.num_layers = model.config.text_config.num_hidden_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):

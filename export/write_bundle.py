@@ -55,12 +55,24 @@ def visual_token_runs(vocab: dict[str, int], codebook_size: int) -> list[list[in
     return runs
 
 
+def id_runs(ids: list[int]) -> list[list[int]]:
+    """Sorted ids -> runs [first_column, first_id, count] of consecutive ids."""
+    runs: list[list[int]] = []
+    for col, tid in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == tid:
+            runs[-1][2] += 1
+        else:
+            runs.append([col, tid, 1])
+    return runs
+
+
 def _io(spec: GraphSpec) -> dict:
     return {"inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs]}
 
 
 def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: dict[str, GraphSpec],
-                   variant: str, opset: int, dtype: str, image_area: int, versions: dict) -> dict:
+                   variant: str, opset: int, dtype: str, image_area: int, versions: dict,
+                   head_ids: list[int] | None = None) -> dict:
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vq_config
     tok = processor.tokenizer
@@ -101,6 +113,9 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
                 "rms_norm_eps": float(tc.rms_norm_eps),
                 "rope": {"type": rope.get("rope_type", "default"), "theta": float(rope.get("rope_theta", 1e4))},
                 "logits": "last_position",
+                # "full": logits over the whole vocabulary; "visual": column j scores the id from logit_id_runs
+                "head": "full" if head_ids is None else "visual",
+                **({} if head_ids is None else {"logit_id_runs": id_runs(head_ids)}),
                 "kv_cache": "concat",
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",

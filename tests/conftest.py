@@ -38,17 +38,17 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, checkpoints):
-    """(preset, opset) -> (bundle directory, manifest, parity checks), exported on first use."""
+    """(preset, opset, head) -> (bundle directory, manifest, parity checks), exported on first use."""
     from export.build import ExportOptions, build_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, tuple] = {}
 
-    def get(preset: str, opset: int = 18):
-        key = (preset, opset)
+    def get(preset: str, opset: int = 18, head: str = "full"):
+        key = (preset, opset, head)
         if key not in cache:
-            out = root / f"{preset}-op{opset}"
-            manifest, checks = build_bundle(checkpoints(preset), out, ExportOptions(opset=opset))
+            out = root / f"{preset}-op{opset}-{head}"
+            manifest, checks = build_bundle(checkpoints(preset), out, ExportOptions(opset=opset, head=head))
             cache[key] = (out, manifest, checks)
         return cache[key]
 

@@ -174,3 +174,20 @@ def test_same_seed_same_tokens(capsys, tmp_path):
     assert a["tokens"] == b["tokens"] and a["seed"] == 7
     assert a["tokens"] != c["tokens"]
     assert (tmp_path / "a.png").read_bytes() != b"" and Image.open(tmp_path / "a.png").size == (64, 64)
+
+
+def test_visual_head_bundle_same_image_tokens(bundles, checkpoints, capsys, tmp_path):
+    """--head visual scores only visual + control ids: CFG and the grid constraint pick the same tokens."""
+    out, manifest, checks = bundles("tiny", head="visual")
+    ck = str(checkpoints("tiny"))
+    assert manifest["model"]["decoder"]["head"] == "visual" and all(c.ok for c in checks)
+    assert manifest["model"]["decoder"]["io"]["outputs"][0]["dims"] == ["batch_size", 256 + 5]
+    prompts = ["a portrait of young girl", "sunset"]
+    got = run_cli(capsys, "generate-image", "--bundle", str(out), "--prompt", prompts[0], "--prompt", prompts[1],
+                  "--ratio", "4:3", "--ratio", "1:1", "--cfg-scale", "3", "--negative-prompt", "ugly", "--greedy",
+                  "-o", str(tmp_path / "v.png"))
+    ids, tokens, grids, pixels = hf.text_to_image(ck, prompts, ["4:3", "1:1"], 4096, 3.0, "ugly")
+    _check_image(got, ck, tokens, grids, pixels, tmp_path)
+    capsys.readouterr()
+    assert main(["chat", "--bundle", str(out), "--prompt", "hi", "--quiet"]) == 2
+    assert "generates images only" in capsys.readouterr().err
