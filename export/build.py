@@ -38,6 +38,10 @@ class ExportOptions:
     # "visual": the step graph scores only the visual ids + EOL/EOF/EOI/EOS/PAD (image generation only; CFG and the
     # grid constraint give the same tokens on that sub-vocabulary, with a much smaller lm_head per step)
     head: str = "full"
+    # weight-only quantization of the decoder step: None, "int8" or "int4" (MatMulNBits; lm_head int8)
+    quantize: str | None = None
+    # weights per quantization block
+    block_size: int = 32
 
 
 def _versions() -> dict:
@@ -64,6 +68,28 @@ def load_checkpoint(checkpoint: Path, dtype: str):
     if model.config.model_type != "emu3":
         raise ExportError(f"{checkpoint}: model_type {model.config.model_type!r} is not 'emu3'")
     return model, processor
+
+
+def _quantize(work: Path, spec, options: ExportOptions, log) -> dict:
+    """Quantize the verified fp32 step graph in place; report its logits drift against fp32 (not a gate)."""
+    from . import export_onnx, verify
+    from .quantize import QuantOptions, quantize_step
+
+    if options.quantize not in ("int8", "int4"):
+        raise ExportError(f"--quantize must be int8 or int4, got {options.quantize!r}")
+    if options.dtype != "fp32":
+        raise ExportError("--quantize starts from fp32 weights; use it with --dtype fp32")
+    q = QuantOptions(bits=int(options.quantize[3:]), block_size=options.block_size)
+    path = work / spec.file
+    fp32 = work / ("fp32-" + spec.file)
+    path.rename(fp32)
+    quantize_step(fp32, path, q)
+    export_onnx._rename_and_check_dims(path, spec)
+    drift = verify.compare_graphs(fp32, path)
+    fp32.unlink()
+    log(f"quantized {spec.file} to {q.to_json()['weights']} (lm_head int8): mean |d logit| "
+        f"{drift['mean_abs_logit_diff']:.3g}, top-1 agreement {100 * drift['top1_agreement']:.1f}% on random prompts")
+    return {**q.to_json(), **drift}
 
 
 def visual_head_ids(model, processor) -> list[int]:
@@ -113,6 +139,9 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         if failed:
             raise ExportError(f"parity failed in {len(failed)} check(s), first: {failed[0].graph} {failed[0].case} "
                               f"{failed[0].metric} = {failed[0].value:.3g} > {failed[0].limit:g}")
+        quant = None
+        if options.quantize:
+            quant = _quantize(work, specs["decoder_step"], options, log)
         shutil.copyfile(checkpoint / "tokenizer.json", work / "tokenizer.json") \
             if (checkpoint / "tokenizer.json").is_file() else processor.tokenizer.backend_tokenizer.save(
                 str(work / "tokenizer.json"))
@@ -122,7 +151,7 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         manifest = write_bundle.build_manifest(
             model=model, processor=processor, checkpoint=checkpoint, out_dir=work, specs=specs,
             variant=VARIANTS[options.opset], opset=options.opset, dtype=DTYPES[options.dtype],
-            image_area=image_area, versions=_versions(), head_ids=head_ids)
+            image_area=image_area, versions=_versions(), head_ids=head_ids, quantization=quant)
         write_bundle.write_manifest(manifest, work)
         if out.exists():
             shutil.rmtree(out)
@@ -144,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-area", type=int, default=None, help="default text-to-image area in pixels")
     ap.add_argument("--head", choices=HEADS, default="full",
                     help="visual: an image-generation-only bundle whose step graph scores only visual + control ids")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="weight-only MatMulNBits quantization of the decoder step (lm_head stays int8)")
+    ap.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite,
-                            head=args.head)
+                            head=args.head, quantize=args.quantize, block_size=args.block_size)
     try:
         build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2

@@ -72,7 +72,7 @@ def _io(spec: GraphSpec) -> dict:
 
 def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: dict[str, GraphSpec],
                    variant: str, opset: int, dtype: str, image_area: int, versions: dict,
-                   head_ids: list[int] | None = None) -> dict:
+                   head_ids: list[int] | None = None, quantization: dict | None = None) -> dict:
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vq_config
     tok = processor.tokenizer
@@ -113,6 +113,7 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
                 "rms_norm_eps": float(tc.rms_norm_eps),
                 "rope": {"type": rope.get("rope_type", "default"), "theta": float(rope.get("rope_theta", 1e4))},
                 "logits": "last_position",
+                "quantization": quantization,
                 # "full": logits over the whole vocabulary; "visual": column j scores the id from logit_id_runs
                 "head": "full" if head_ids is None else "visual",
                 **({} if head_ids is None else {"logit_id_runs": id_runs(head_ids)}),
