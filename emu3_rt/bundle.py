@@ -265,6 +265,14 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     return bundle
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify_files(bundle: Bundle) -> None:
     """Check every listed file's size and sha256 (reads every byte: about 1 s per GB)."""
     for name, entry in bundle.manifest["files"].items():
@@ -273,9 +281,5 @@ def verify_files(bundle: Bundle) -> None:
             raise BundleError(f"{path}: listed in bundle.json but missing")
         if path.stat().st_size != entry["size"]:
             raise BundleError(f"{path}: size {path.stat().st_size} != {entry['size']} in bundle.json (truncated?)")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise BundleError(f"{path}: sha256 does not match bundle.json (modified or corrupt)")

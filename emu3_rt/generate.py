@@ -36,30 +36,30 @@ class LoopOptions:
     logit_ids: np.ndarray | None = None
 
 
+def _run(engine: Engine, cache: KVCache, ids, mask, pos, where: str) -> dict[str, np.ndarray]:
+    """One step-graph call on (R, S) new tokens; the cache takes the presents. Errors name `where`."""
+    try:
+        outputs = engine.run(cache.feeds(ids, mask, pos))
+    except EngineError as e:
+        raise EngineError(f"{where}: {e}") from None
+    cache.advance(outputs, mask, pos)
+    return outputs
+
+
 def prefill(engine: Engine, cache: KVCache, batch: Batch, chunk: int, logits_name: str = "logits") -> np.ndarray:
     """Run the prompt through the step graph in chunks; returns the last position's logits (R, V)."""
     for start in range(0, batch.ids.shape[1], chunk):
         sl = slice(start, start + chunk)
         ids, mask, pos = batch.ids[:, sl], batch.mask[:, sl], batch.positions[:, sl]
-        try:
-            outputs = engine.run(cache.feeds(ids, mask, pos))
-        except EngineError as e:
-            raise EngineError(f"prefill of prompt tokens {start}..{start + ids.shape[1]}: {e}") from None
-        cache.advance(outputs, mask, pos)
+        outputs = _run(engine, cache, ids, mask, pos, f"prefill of prompt tokens {start}..{start + ids.shape[1]}")
     return outputs[logits_name]
 
 
 def decode_step(engine: Engine, cache: KVCache, ids: np.ndarray, step: int, logits_name: str = "logits"):
     """Feed one new token per row (R,) and return the next logits (R, V)."""
     ids = ids.reshape(-1, 1).astype(np.int64)
-    mask = np.ones_like(ids)
     pos = cache.next_positions.reshape(-1, 1)
-    try:
-        outputs = engine.run(cache.feeds(ids, mask, pos))
-    except EngineError as e:
-        raise EngineError(f"decode step {step}: {e}") from None
-    cache.advance(outputs, mask, pos)
-    return outputs[logits_name]
+    return _run(engine, cache, ids, np.ones_like(ids), pos, f"decode step {step}")[logits_name]
 
 
 def generate(engine: Engine, cache: KVCache, batch: Batch, chain: list, select, opts: LoopOptions,

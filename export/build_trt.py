@@ -11,18 +11,11 @@ The decoder step gets two optimization profiles: prefill (seq 1..prefill_chunk, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from emu3_rt.bundle import sha256_file
 
 
 def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list[dict[str, tuple]]:
@@ -104,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = args.bundle / manifest["model"][key]["filename"]
         plan_path = out_dir / f"{graph}.sm{sm.replace('.', '')}.trt{trt.__version__}.plan"
         build_plan(onnx_path, plan_path, _profiles(manifest, key, args.max_batch, args.max_image_side))
-        record["plans"][key] = {"filename": plan_path.name, "sha256": _sha256(plan_path),
+        record["plans"][key] = {"filename": plan_path.name, "sha256": sha256_file(plan_path),
                                 "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]}
         print(f"built {plan_path}", file=sys.stderr)
     (out_dir / "plans.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -5,10 +5,11 @@ block for the special ids and the visual-token mapping, file hashes and export p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
+
+from emu3_rt.bundle import sha256_file
 
 from .export_onnx import GraphSpec
 
@@ -21,14 +22,6 @@ NEGATIVE_PROMPT = (
     "quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 )
 VISUAL_TOKEN = re.compile(r"^<\|visual token (\d{6})\|>$")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def visual_token_runs(vocab: dict[str, int], codebook_size: int) -> list[list[int]]:

@@ -6,6 +6,7 @@ carry the `export` marker, because building needs torch + transformers (the `exp
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,11 @@ def bundles(tmp_path_factory, checkpoints):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    """A writable copy of the checked-in tiny bundle."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(TINY_BUNDLE, dst)
+    return dst

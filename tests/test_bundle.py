@@ -14,13 +14,6 @@ from emu3_rt.bundle import BundleError, load_bundle
 from .conftest import TINY_BUNDLE
 
 
-@pytest.fixture
-def bundle_copy(tmp_path):
-    dst = tmp_path / "b"
-    shutil.copytree(TINY_BUNDLE, dst)
-    return dst
-
-
 def _edit(root, fn):
     m = json.loads((root / "bundle.json").read_text())
     fn(m)

@@ -21,13 +21,6 @@ from .conftest import TINY_BUNDLE
 GREEDY = SamplingOptions(greedy=True)
 
 
-@pytest.fixture
-def bundle_copy(tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(TINY_BUNDLE, dst)
-    return dst
-
-
 def _refresh_hash(root, name):
     """Re-record a file's hash so that only the graph check (not the sha256 check) can catch the change."""
     m = json.loads((root / "bundle.json").read_text())

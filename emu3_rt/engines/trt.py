@@ -10,14 +10,13 @@ outputs back. (Keeping the KV cache on the device is the next step for long imag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, GraphSpec
+from ..bundle import Bundle, GraphSpec, sha256_file
 from .base import EngineError, check_io
 
 
@@ -26,14 +25,6 @@ def _check(result):
     if int(err) != 0:
         raise EngineError(f"CUDA error {err}")
     return values[0] if len(values) == 1 else values
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plan_for(bundle: Bundle, key: str) -> Path:
@@ -61,7 +52,7 @@ def plan_for(bundle: Bundle, key: str) -> Path:
     spec_file = getattr(bundle, key).path.name
     if entry.get("onnx_sha256") != bundle.manifest["files"][spec_file]["sha256"]:
         raise EngineError(f"{path.name}: built from another {spec_file}; rebuild the plans")
-    if _sha256(path) != entry.get("sha256"):
+    if sha256_file(path) != entry.get("sha256"):
         raise EngineError(f"{path.name}: sha256 does not match trt/plans.json; refusing to load it")
     return path
 

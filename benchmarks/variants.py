@@ -1,0 +1,139 @@
+"""Bundle variants against the fp32 opset-18 bundle of the same checkpoint, measured in one run.
+
+    python -m benchmarks.variants [--config mid] [--variants opset23 visual int8 int4] [--json OUT]
+
+For each variant: bundle size, seconds per image (CFG 3, greedy), chat tokens/s, ms per decode step at short
+and long context, and fidelity against the fp32 bundle: greedy token agreement (chat and image) and the mean
+|d logit| of the first step. Variants are exported once into benchmarks/.cache/<config>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .e2e import CACHE, NEGATIVE, best_of, prepare
+
+VARIANTS = {
+    "base": dict(opset=18),
+    "opset23": dict(opset=23),
+    "visual": dict(opset=18, head="visual"),
+    "int8": dict(opset=18, quantize="int8"),
+    "int4": dict(opset=18, quantize="int4"),
+}
+CHATS = ["please describe the picture of the old house at night in detail", "what is a red cat doing on the mat?",
+         "tell me about the mountain river at sunset", "hello world, one two three"]
+
+
+def export_variant(config: str, name: str) -> Path:
+    from export.build import ExportOptions, build_bundle
+
+    ck, base = prepare(config, "opset18")
+    if name == "base":
+        return base
+    out = CACHE / config / f"bundle-{name}"
+    if not (out / "bundle.json").is_file():
+        print(f"exporting {out}", file=sys.stderr)
+        build_bundle(ck, out, ExportOptions(overwrite=True, **VARIANTS[name]))
+    return out
+
+
+def size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+
+
+def measure(model, grid, chat_tokens, contexts, is_visual) -> dict:
+    from emu3_rt import SamplingOptions
+    from emu3_rt.generate import decode_step, prefill
+    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.prompt import make_batch
+
+    greedy = SamplingOptions(greedy=True)
+    h, w = grid
+    t_img, img = best_of(2, lambda: model.generate_image("a portrait of young girl", negative_prompt=NEGATIVE,
+                                                         cfg_scale=3.0, ratio=f"{w}:{h}", image_area=64 * h * w,
+                                                         sampling=greedy))
+    res = {"image_s": t_img, "image_tokens": img.tokens[0]}
+    if not is_visual:
+        t_chat, chats = best_of(1, lambda: [model.chat(c, sampling=greedy, max_new_tokens=chat_tokens) for c in CHATS])
+        res["chat_tok_s"] = sum(len(c.tokens[0]) for c in chats) / t_chat
+        res["chat_tokens"] = [c.tokens[0] for c in chats]
+    rng = np.random.default_rng(0)
+    engine = model.engines["decoder"]
+    for ctx in contexts:
+        ids = rng.integers(0, 30000, ctx).tolist()
+        cache = KVCache(model.bundle, 1)
+        logits = prefill(engine, cache, make_batch([ids], None, model.bundle.tokens.pad), 512)
+        if ctx == contexts[0]:
+            res["first_logits"] = logits[0]
+        t = time.perf_counter()
+        for step in range(12):
+            decode_step(engine, cache, np.array([int(rng.integers(0, 30000))]), step)
+        res[f"step_ms_{ctx}"] = 1e3 * (time.perf_counter() - t) / 12
+    return res
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions where greedy tokens agree, up to the first divergence's end of the shorter row."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        same += sum(int(p == q) for p, q in zip(x[:n], y[:n]))
+        total += n
+    return same / max(total, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=["tiny", "mid"], default="mid")
+    ap.add_argument("--variants", nargs="+", default=["opset23", "visual", "int8", "int4"],
+                    choices=[v for v in VARIANTS if v != "base"])
+    ap.add_argument("--grid", nargs=2, type=int, default=[16, 16])
+    ap.add_argument("--chat-tokens", type=int, default=32)
+    ap.add_argument("--contexts", nargs="+", type=int, default=[64, 1024])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import emu3_rt
+
+    names = ["base", *args.variants]
+    paths = {n: export_variant(args.config, n) for n in names}
+    rows = {}
+    for n in names:
+        model = emu3_rt.load(paths[n], threads=args.threads)
+        rows[n] = measure(model, tuple(args.grid), args.chat_tokens, args.contexts, n == "visual")
+        rows[n]["size_mb"] = size_mb(paths[n])
+    base = rows["base"]
+    print(f"\n{args.config}: variants vs the fp32 opset-18 bundle, {args.threads} threads, one run")
+    head = (f"{'variant':8} {'MB':>7} {'s/image':>8} {'x':>5} {'chat tok/s':>10} {'x':>5} "
+            + " ".join(f"{'ms@' + str(c):>8}" for c in args.contexts) + f" {'chat agree':>10} {'img agree':>9} "
+            f"{'|d logit|':>9}")
+    print(head)
+    report = {}
+    for n in names:
+        r = rows[n]
+        chat_agree = agreement(base["chat_tokens"], r["chat_tokens"]) if "chat_tokens" in r else float("nan")
+        img_agree = agreement([base["image_tokens"]], [r["image_tokens"]])
+        dlogit = (float(np.abs(base["first_logits"] - r["first_logits"]).mean())
+                  if r["first_logits"].shape == base["first_logits"].shape else float("nan"))
+        report[n] = {"size_mb": r["size_mb"], "image_s": r["image_s"], "image_speedup": base["image_s"] / r["image_s"],
+                     "chat_tok_s": r.get("chat_tok_s"), "chat_agreement": chat_agree, "image_agreement": img_agree,
+                     "mean_abs_logit_diff": dlogit, **{k: v for k, v in r.items() if k.startswith("step_ms")}}
+        chat = r.get("chat_tok_s")
+        print(f"{n:8} {r['size_mb']:7.0f} {r['image_s']:8.2f} {base['image_s'] / r['image_s']:5.2f} "
+              f"{chat if chat else float('nan'):10.1f} {(chat or np.nan) / base['chat_tok_s']:5.2f} "
+              + " ".join(f"{r[f'step_ms_{c}']:8.2f}" for c in args.contexts)
+              + f" {100 * chat_agree:9.1f}% {100 * img_agree:8.1f}% {dlogit:9.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
