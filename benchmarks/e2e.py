@@ -170,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None, help="PNG of ms/step vs context (needs matplotlib)")
+    ap.add_argument("--plot", default=None, help="PNG of ms/step vs context (needs matplotlib: the bench extra)")
+    ap.add_argument("--from-json", default=None, help="only draw --plot from an earlier run's --json output")
     args = ap.parse_args(argv)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        plot(report["steps"], args.plot or "steps.png", report["config"])
+        return 0
 
     import torch
 

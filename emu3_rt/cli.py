@@ -131,22 +131,32 @@ def run_chat(args, model) -> dict:
     images = [[load_image(p) for p in paths] for paths in image_paths]
     sampling = _sampling(args, model.bundle)
     max_new = args.max_new_tokens or model.bundle.search["max_new_tokens"]
-    with _progress(max_new, args.quiet) as bar:
+    # one prompt, plain output: stream the answer to stdout as it is generated (the bar would interleave)
+    stream = len(prompts) == 1 and not args.json
+    with _progress(max_new, args.quiet or stream) as bar:
         result = model.chat(prompts, images if len(prompts) > 1 else images[0], system=args.system,
                             raw=args.raw_prompt, max_new_tokens=max_new, sampling=sampling, seed=args.seed,
-                            on_token=lambda step, ids: bar.update(1))
-    return {"text": result.texts, "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed}
+                            on_token=lambda step, ids: bar.update(1),
+                            on_text=(lambda row, delta: print(delta, end="", flush=True)) if stream else None)
+    if stream:
+        print()
+    return {"text": result.texts, "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed,
+            "streamed": stream}
 
 
 def run_generate_image(args, model) -> dict:
     from .png import output_paths, remove_quietly, save_png
+    from .prompt import calculate_generate_size
 
     prompts, _ = _prompts_and_images(args.items)
     sampling = _sampling(args, model.bundle)
     paths = output_paths(args.output, len(prompts))
+    area = args.image_area or model.bundle.search["image_area"]
+    grids = [calculate_generate_size(r, area, model.bundle.spatial_factor)
+             for r in (args.ratio or [model.bundle.search["ratio"]])]
     partial = [p.with_name(p.stem + ".partial.png") for p in paths]
     try:
-        with _progress(None, args.quiet) as bar:
+        with _progress(max(h * (w + 1) + 3 for h, w in grids), args.quiet) as bar:
             result = model.generate_image(
                 prompts, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, ratio=args.ratio,
                 image_area=args.image_area, sampling=sampling, seed=args.seed,
@@ -186,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None and out["seed"] is not None:
         print(f"seed: {out['seed']}", file=sys.stderr)
     if args.json:
+        out.pop("streamed", None)
         print(json.dumps(out, ensure_ascii=False))
     elif args.command == "chat":
-        print("\n".join(out["text"]))
+        if not out["streamed"]:
+            print("\n".join(out["text"]))
     else:
         print("\n".join(out["images"]))
     sys.stdout.flush()
