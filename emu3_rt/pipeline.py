@@ -234,6 +234,10 @@ class Emu3:
         if area < 1:
             raise ValueError(f"image_area must be >= 1 pixel, got {area}")
         grids = [calculate_generate_size(r, area, self.bundle.spatial_factor) for r in ratios]
+        if min(w for _, w in grids) < 3:
+            # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
+            raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
+                              f"needs at least 3 tokens per row (raise --image-area or change --ratio)")
         sampling = sampling or SamplingOptions.from_bundle(self.bundle)
         sampling.validate()
         use_cfg = cfg != 1.0  # Transformers only builds the CFG processor for a scale != 1

@@ -140,6 +140,7 @@ def test_cli_chat_json(capsys):
     (["generate-image", "--prompt", "x", "--ratio", "0:1"], "ratio"),
     (["generate-image", "--prompt", "x", "--image-area", "100000000"], "context"),
     (["generate-image", "--prompt", "   "], "empty"),
+    (["generate-image", "--prompt", "x", "--image-area", "256"], "too narrow"),
     (["chat", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
     (["chat", "--prompt", "x", "--image", "/nonexistent.png"], "nonexistent.png"),
     (["chat", "--prompt", "x", "--bundle", "/nonexistent-bundle"], "no such bundle"),
