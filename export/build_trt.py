@@ -21,18 +21,19 @@ from emu3_rt.bundle import sha256_file
 def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list[dict[str, tuple]]:
     """Per profile: input name -> (min, opt, max) shapes."""
     model = manifest["model"]
+    opt_side = min(512, max_side)
     if graph == "vq_encoder":
-        return [{"pixel_values": ((1, 3, 8, 8), (1, 3, 512, 512), (max_batch, 3, max_side, max_side))}]
+        return [{"pixel_values": ((1, 3, 8, 8), (1, 3, opt_side, opt_side), (max_batch, 3, max_side, max_side))}]
     if graph == "vq_decoder":
-        side = max_side // 8
-        return [{"codes": ((1, 1, 1), (1, 64, 64), (max_batch, side, side))}]
+        return [{"codes": ((1, 1, 1), (1, opt_side // 8, opt_side // 8), (max_batch, max_side // 8, max_side // 8))}]
     dec = model["decoder"]
     ctx, chunk = model["context_length"], manifest["search"]["prefill_chunk"]
     kv, d = dec["num_key_value_heads"], dec["head_size"]
     past_names = [dec["inputs"][f"past_{k}_names"] % i
                   for i in range(dec["num_hidden_layers"]) for k in ("key", "value")]
     profiles = []
-    for seq, past in (((1, chunk, chunk), (0, 0, ctx - 1)), ((1, 1, 1), (1, 1024, ctx - 1))):
+    # (min, opt, max) of the new tokens and of the past: a prefill profile and a decode profile
+    for seq, past in (((1, chunk, chunk), (0, 0, ctx - 1)), ((1, 1, 1), (1, min(1024, ctx - 1), ctx - 1))):
         p = {"input_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
              "position_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
              "attention_mask": tuple((b, s + q) for b, s, q in zip((1, 2, max_batch), seq, past))}
