@@ -63,7 +63,7 @@ def best_of(n: int, fn):
 
 # ---- the measurements ----
 
-def bench_image(hf_model, processor, model, grid, repeats):
+def bench_image(hf_model, processor, model, grid, repeats, visual=None):
     from tests import hf_reference as ref
 
     h, w = grid
@@ -78,7 +78,13 @@ def bench_image(hf_model, processor, model, grid, repeats):
     t_rt, r = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
                                                              ratio=ratio, image_area=area, sampling=greedy))
     assert r.tokens == hf_tokens, "emu3_rt and Transformers disagree on the image tokens"
-    return {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt}
+    out = {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt}
+    if visual is not None:  # the same image through a --head visual bundle
+        t_v, rv = best_of(repeats, lambda: visual.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
+                                                                  ratio=ratio, image_area=area, sampling=greedy))
+        assert rv.tokens == hf_tokens, "the visual-head bundle and Transformers disagree on the image tokens"
+        out.update(visual_head_s=t_v, visual_head_speedup=t_hf / t_v)
+    return out
 
 
 def bench_chat(model, new_tokens, repeats):
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-tokens", type=int, default=64)
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--visual-head", action="store_true", help="also time images on a --head visual bundle")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of ms/step vs context (needs matplotlib: the bench extra)")
     ap.add_argument("--from-json", default=None, help="only draw --plot from an earlier run's --json output")
@@ -191,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"config": args.config, "variant": args.variant, "threads": args.threads,
               "machine": f"{os.cpu_count()} cpus", "torch": torch.__version__}
-    report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats)
+    visual = None
+    if args.visual_head:
+        from .variants import export_variant
+
+        visual = emu3_rt.load(export_variant(args.config, "visual"), threads=args.threads)
+    report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats, visual)
     report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
     report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
     report["steps"] = [bench_steps(hf_model, model, c) for c in args.contexts]
@@ -200,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
     print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3): HF {im['hf_s']:.2f} s, "
           f"emu3_rt {im['emu3_rt_s']:.2f} s  -> {im['speedup']:.2f}x")
+    if "visual_head_s" in im:
+        print(f"image on the --head visual bundle: {im['visual_head_s']:.2f} s -> {im['visual_head_speedup']:.2f}x")
     print(f"chat ({ch['new_tokens']} tokens): HF {ch['hf_tok_s']:.1f} tok/s, emu3_rt {ch['emu3_rt_tok_s']:.1f} tok/s"
           f"  -> {ch['speedup']:.2f}x")
     for p in report["prefill"]:
