@@ -85,7 +85,7 @@ def _seeded(options: SamplingOptions, seed: int | None):
     if options.greedy:
         return Greedy(), None
     if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**63))
+        seed = int(np.random.SeedSequence().entropy % (2**32))
     return Sample(np.random.default_rng(seed)), seed
 
 

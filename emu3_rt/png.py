@@ -30,6 +30,7 @@ def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(Path(tmp))
@@ -41,3 +42,9 @@ def remove_quietly(path: Path) -> None:
         Path(path).unlink()
     except FileNotFoundError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -114,6 +114,7 @@ def test_cli_generate_image_writes_png_with_metadata(capsys, tmp_path):
     assert params["prompt"] == "a red cat" and params["seed"] == 5 and params["cfg_scale"] == 3.0
     assert params["bundle_sha256"] == emu3_rt.load_bundle(TINY_BUNDLE).sha256
     assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob("*.partial.png"))
+    assert out.stat().st_mode & 0o044 == 0o044, "readable like any file the user writes"
 
 
 def test_cli_prints_random_seed(capsys, tmp_path):
