@@ -170,7 +170,7 @@ class Emu3:
             raise PromptError(f"{len(prompts)} prompts but {len(per_prompt)} image lists")
         sampling = sampling or SamplingOptions.from_bundle(self.bundle)
         sampling.validate()
-        max_new = max_new_tokens or self.bundle.search["max_new_tokens"]
+        max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         with self._lock:
@@ -230,7 +230,7 @@ class Emu3:
             ratios *= len(prompts)
         if len(ratios) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(ratios)} ratios")
-        area = image_area or s["image_area"]
+        area = s["image_area"] if image_area is None else image_area
         if area < 1:
             raise ValueError(f"image_area must be >= 1 pixel, got {area}")
         grids = [calculate_generate_size(r, area, self.bundle.spatial_factor) for r in ratios]

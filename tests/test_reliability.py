@@ -141,3 +141,14 @@ def test_trt_engine_without_tensorrt_says_what_to_install():
         pass
     with pytest.raises(EngineError, match=r"pip install 'emu3-bundle\[trt\]'"):
         emu3_rt.load(engine="trt")
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"max_new_tokens": -3}])
+def test_chat_rejects_zero_tokens(kwargs):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        emu3_rt.load().chat("hi", sampling=GREEDY, **kwargs)
+
+
+def test_image_rejects_zero_area():
+    with pytest.raises(ValueError, match="image_area must be >= 1"):
+        emu3_rt.load().generate_image("hi", image_area=0)
