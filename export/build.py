@@ -42,6 +42,8 @@ class ExportOptions:
     quantize: str | None = None
     # weights per quantization block
     block_size: int = 32
+    # onnxruntime device for the parity checks: "cpu" or "cuda" (bf16 graphs have no CPU kernels)
+    verify_device: str = "cpu"
 
 
 def _versions() -> dict:
@@ -112,6 +114,10 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         raise ExportError(f"--head must be one of {HEADS}, got {options.head!r}")
     if options.dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
+    if options.dtype == "bf16" and options.verify_device == "cpu":
+        raise ExportError("bf16 graphs cannot run on onnxruntime's CPU, so they cannot be verified here: "
+                          "use --verify-device cuda on a GPU machine, or --dtype fp16")
+    verify.set_device(options.verify_device)
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
@@ -176,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="weight-only MatMulNBits quantization of the decoder step (lm_head stays int8)")
     ap.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
+    ap.add_argument("--verify-device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the parity checks run (bf16 needs cuda)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite,
-                            head=args.head, quantize=args.quantize, block_size=args.block_size)
+                            head=args.head, quantize=args.quantize, block_size=args.block_size,
+                            verify_device=args.verify_device)
     try:
         build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2

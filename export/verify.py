@@ -30,12 +30,26 @@ class Check:
         return bool(self.value <= self.limit)
 
 
+DEVICE = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
+_device = "cpu"
+
+
+def set_device(device: str) -> None:
+    """onnxruntime device for the parity checks: "cpu", or "cuda" (bf16 graphs have no CPU kernels)."""
+    global _device
+    import onnxruntime as ort
+
+    if DEVICE[device][0] not in ort.get_available_providers():
+        raise RuntimeError(f"{DEVICE[device][0]} is not available to verify on; install onnxruntime-gpu")
+    _device = device
+
+
 def _session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=DEVICE[_device])
 
 
 def verify_vq(vqmodel, out_dir: Path, seed: int = 0) -> list[Check]:

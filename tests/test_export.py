@@ -162,3 +162,25 @@ def test_quantized_bundle_runs(checkpoints, tmp_path, bits):
     assert bits_of.pop("logits") == 8 and set(bits_of.values()) == {int(bits[3:])}
     model = emu3_rt.load(out, verify=True)
     assert model.generate_image("a red cat", seed=0).images[0].size == (64, 64)
+
+
+def test_fp16_bundle_verifies_and_runs(checkpoints, tmp_path):
+    """fp16 step graph and KV cache: parity against the fp16 model, and the runtime keeps a float16 cache."""
+    import emu3_rt
+    from export.build import ExportOptions, build_bundle
+
+    out = tmp_path / "fp16"
+    manifest, checks = build_bundle(checkpoints("tiny"), out, ExportOptions(dtype="fp16"))
+    assert all(c.ok for c in checks) and manifest["model"]["decoder"]["dtype"] == "float16"
+    assert manifest["model"]["decoder"]["io"]["inputs"][3]["dtype"] == "float16"
+    model = emu3_rt.load(out)
+    r = model.generate_image(["a red cat", "a dog"], ratio=["1:1", "4:3"], seed=0)
+    assert [im.size for im in r.images] == [(64, 64), (72, 56)]
+
+
+def test_bf16_needs_a_gpu_to_verify(checkpoints, tmp_path):
+    from export.build import ExportError, ExportOptions, build_bundle
+
+    with pytest.raises(ExportError, match="bf16 graphs cannot run on onnxruntime's CPU"):
+        build_bundle(checkpoints("tiny"), tmp_path / "bf16", ExportOptions(dtype="bf16"))
+    assert not (tmp_path / "bf16").exists()
