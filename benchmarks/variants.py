@@ -25,6 +25,7 @@ VARIANTS = {
     "visual": dict(opset=18, head="visual"),
     "int8": dict(opset=18, quantize="int8"),
     "int4": dict(opset=18, quantize="int4"),
+    "int4-emb": dict(opset=18, quantize="int4", quantize_embeddings=True),
 }
 CHATS = ["please describe the picture of the old house at night in detail", "what is a red cat doing on the mat?",
          "tell me about the mountain river at sunset", "hello world, one two three"]

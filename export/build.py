@@ -42,6 +42,8 @@ class ExportOptions:
     quantize: str | None = None
     # weights per quantization block
     block_size: int = 32
+    # with --quantize: also store the token embeddings as int4 blocks (the largest tensor left in fp32)
+    quantize_embeddings: bool = False
     # onnxruntime device for the parity checks: "cpu" or "cuda" (bf16 graphs have no CPU kernels)
     verify_device: str = "cpu"
 
@@ -81,7 +83,9 @@ def _quantize(work: Path, spec, options: ExportOptions, log) -> dict:
         raise ExportError(f"--quantize must be int8 or int4, got {options.quantize!r}")
     if options.dtype != "fp32":
         raise ExportError("--quantize starts from fp32 weights; use it with --dtype fp32")
-    q = QuantOptions(bits=int(options.quantize[3:]), block_size=options.block_size)
+
+    q = QuantOptions(bits=int(options.quantize[3:]), block_size=options.block_size,
+                     embeddings=options.quantize_embeddings)
     path = work / spec.file
     fp32 = work / ("fp32-" + spec.file)
     path.rename(fp32)
@@ -114,6 +118,8 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         raise ExportError(f"--head must be one of {HEADS}, got {options.head!r}")
     if options.dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
+    if options.quantize_embeddings and not options.quantize:
+        raise ExportError("--quantize-embeddings needs --quantize")
     if options.dtype == "bf16" and options.verify_device == "cpu":
         raise ExportError("bf16 graphs cannot run on onnxruntime's CPU, so they cannot be verified here: "
                           "use --verify-device cuda on a GPU machine, or --dtype fp16")
@@ -182,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="weight-only MatMulNBits quantization of the decoder step (lm_head stays int8)")
     ap.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
+    ap.add_argument("--quantize-embeddings", action="store_true",
+                    help="with --quantize: also the token embeddings, as int4 blocks")
     ap.add_argument("--verify-device", choices=["cpu", "cuda"], default="cpu",
                     help="where the parity checks run (bf16 needs cuda)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite,
                             head=args.head, quantize=args.quantize, block_size=args.block_size,
-                            verify_device=args.verify_device)
+                            verify_device=args.verify_device, quantize_embeddings=args.quantize_embeddings)
     try:
         build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2

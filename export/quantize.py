@@ -21,6 +21,7 @@ class QuantOptions:
     block_size: int = 32        # weights per quantization block (a power of two >= 16)
     lm_head_bits: int = 8       # never below 8
     accuracy_level: int = 4     # MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = fp32
+    embeddings: bool = False    # also the token embedding table, as int4 GatherBlockQuantized (the only width)
 
     def __post_init__(self):
         if self.bits not in (4, 8) or self.lm_head_bits != 8:
@@ -30,7 +31,8 @@ class QuantOptions:
 
     def to_json(self) -> dict:
         return {"method": "MatMulNBits", "weights": f"int{self.bits}", "block_size": self.block_size,
-                "lm_head": f"int{self.lm_head_bits}", "accuracy_level": self.accuracy_level}
+                "lm_head": f"int{self.lm_head_bits}", "accuracy_level": self.accuracy_level,
+                "embeddings": "int4" if self.embeddings else "float32"}
 
 
 def _gemm_to_matmul(model: onnx.ModelProto, logits_name: str) -> str:
@@ -73,6 +75,8 @@ def quantize_step(src: Path, dst: Path, options: QuantOptions, logits_name: str 
     head = _gemm_to_matmul(model, logits_name)
     passes = [(options.bits, {"nodes_to_exclude": [head]}),
               (options.lm_head_bits, {"nodes_to_include": [head], "op_types_to_quantize": ("_",)})]
+    if options.embeddings:  # the embedding rows are gathered, so quantize along the hidden axis
+        passes.append((4, {"op_types_to_quantize": ("Gather",), "quant_axes": (("Gather", 1),)}))
     for bits, select in passes:
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
                                  accuracy_level=options.accuracy_level, **select)

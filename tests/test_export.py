@@ -144,8 +144,8 @@ def test_existing_output_needs_overwrite(bundles, checkpoints):
     assert json.loads((out / "bundle.json").read_text()) == before
 
 
-@pytest.mark.parametrize("bits", ["int4", "int8"])
-def test_quantized_bundle_runs(checkpoints, tmp_path, bits):
+@pytest.mark.parametrize("bits,embeddings", [("int4", True), ("int8", False)])
+def test_quantized_bundle_runs(checkpoints, tmp_path, bits, embeddings):
     """--quantize: MatMulNBits body, int8 lm_head, drift recorded in bundle.json, and the runtime uses it."""
     import onnx
 
@@ -153,13 +153,15 @@ def test_quantized_bundle_runs(checkpoints, tmp_path, bits):
     from export.build import ExportOptions, build_bundle
 
     out = tmp_path / bits
-    manifest, _ = build_bundle(checkpoints("tiny"), out, ExportOptions(quantize=bits))
+    manifest, _ = build_bundle(checkpoints("tiny"), out, ExportOptions(quantize=bits, quantize_embeddings=embeddings))
     q = manifest["model"]["decoder"]["quantization"]
     assert q["weights"] == bits and q["lm_head"] == "int8" and q["top1_agreement"] >= 0.5
     nodes = onnx.load(str(out / "decoder_step.onnx")).graph.node
     bits_of = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in nodes
                if n.op_type == "MatMulNBits"}
     assert bits_of.pop("logits") == 8 and set(bits_of.values()) == {int(bits[3:])}
+    assert any(n.op_type == "GatherBlockQuantized" for n in nodes) == embeddings
+    assert q["embeddings"] == ("int4" if embeddings else "float32")
     model = emu3_rt.load(out, verify=True)
     assert model.generate_image("a red cat", seed=0).images[0].size == (64, 64)
 
