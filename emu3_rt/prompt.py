@@ -134,7 +134,10 @@ class PromptEncoder:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """`processor.apply_chat_template(messages, add_generation_prompt=True)`, as a string."""
         if self._template is None:
-            self._template = compile_chat_template(self.bundle.chat_template_path.read_text(encoding="utf-8"))
+            source = self.bundle.chat_template_path.read_text(encoding="utf-8")
+            if not source.strip():
+                raise PromptError("this bundle has no chat template; pass the prompt as is (--raw-prompt)")
+            self._template = compile_chat_template(source)
         t = self.tokens.text
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])

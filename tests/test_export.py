@@ -11,7 +11,7 @@ import pytest
 
 from emu3_rt.bundle import load_bundle
 
-from .conftest import REPO
+from .conftest import REPO, TINY_BUNDLE
 
 pytestmark = pytest.mark.export
 
@@ -186,3 +186,21 @@ def test_bf16_needs_a_gpu_to_verify(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="bf16 graphs cannot run on onnxruntime's CPU"):
         build_bundle(checkpoints("tiny"), tmp_path / "bf16", ExportOptions(dtype="bf16"))
     assert not (tmp_path / "bf16").exists()
+
+
+def test_external_data_bundle(checkpoints, tmp_path, monkeypatch):
+    """Graphs above the size threshold keep weights in a side file, listed and hashed like every other file."""
+    import emu3_rt
+    from export import export_onnx
+    from export.build import ExportOptions, build_bundle
+
+    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "ext"
+    manifest, checks = build_bundle(checkpoints("tiny"), out, ExportOptions())
+    assert all(c.ok for c in checks)
+    side = sorted(p.name for p in out.iterdir() if p.name.endswith(".data"))
+    assert "decoder_step.onnx.data" in side and set(side) <= set(manifest["files"])
+    inline = TINY_BUNDLE / "decoder_step.onnx"  # the same graph with its weights inside
+    assert (out / "decoder_step.onnx").stat().st_size < inline.stat().st_size // 2
+    model = emu3_rt.load(out, verify=True)
+    assert model.generate_image("a red cat", seed=0).images[0].size == (64, 64)

@@ -152,3 +152,12 @@ def test_chat_rejects_zero_tokens(kwargs):
 def test_image_rejects_zero_area():
     with pytest.raises(ValueError, match="image_area must be >= 1"):
         emu3_rt.load().generate_image("hi", image_area=0)
+
+
+def test_bundle_without_chat_template(bundle_copy):
+    (bundle_copy / "chat_template.jinja").write_text("")
+    _refresh_hash(bundle_copy, "chat_template.jinja")
+    model = emu3_rt.load(bundle_copy, verify=True)
+    with pytest.raises(PromptError, match="no chat template"):
+        model.chat("hi", sampling=GREEDY, max_new_tokens=2)
+    assert model.chat("hi", raw=True, sampling=GREEDY, max_new_tokens=2).tokens
