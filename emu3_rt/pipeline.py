@@ -96,9 +96,13 @@ def _as_list(x) -> list:
 class Emu3:
     """One loaded bundle. Safe to share between threads: each call holds the model's lock while it runs."""
 
-    def __init__(self, bundle: Bundle, engines: dict[str, Engine]):
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine], prefill_chunk: int | None = None):
         self.bundle = bundle
         self.engines = engines
+        # prompt tokens per prefill call (the bundle's default: 512)
+        self.prefill_chunk = prefill_chunk or bundle.search["prefill_chunk"]
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         self.prompts = PromptEncoder(bundle)
         self.image_config = imaging.ImageConfig.from_manifest(bundle.manifest["image_processor"])
         self._lock = threading.Lock()
@@ -142,7 +146,7 @@ class Emu3:
     def _run(self, batch: Batch, chain: list, select, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
         cache = KVCache(self.bundle, batch.rows)
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
-                           pad_id=self.bundle.tokens.pad, prefill_chunk=self.bundle.search["prefill_chunk"],
+                           pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=self.bundle.logit_ids)
         return generate(self.engines["decoder"], cache, batch, chain, select, opts, on_token)
 
@@ -341,7 +345,7 @@ class _Preview:
 
 
 def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
-         verify: bool = False, device_id: int = 0) -> Emu3:
+         verify: bool = False, device_id: int = 0, prefill_chunk: int | None = None) -> Emu3:
     """Load a bundle (default: the embedded tiny one).
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
@@ -359,4 +363,4 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
         engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
     else:
         raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
-    return Emu3(bundle, engines)
+    return Emu3(bundle, engines, prefill_chunk)
