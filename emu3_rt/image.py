@@ -1,9 +1,9 @@
-"""Images in and out, identical to Transformers' Emu3ImageProcessor.
+"""Images in and out, bit-identical to Transformers' Emu3ImageProcessor (numpy + Pillow only).
 
-in:  PIL image -> RGB -> smart_resize (multiples of 8, area in [min, max]) -> bicubic -> x/255 -> (x - mean)/std
-     -> pixel_values (3, H, W) float32 for the VQ encoder
-out: VQ decoder pixels (B, 3, H, W) float32 in about [-1, 1] -> x*std + mean -> x255 -> clip -> uint8 (truncation)
-     -> RGB PIL images
+in:  PIL image -> RGB (alpha onto white) -> smart_resize + PIL bicubic -> x/255 (float64 -> float32)
+     -> (x - mean)/std in float32 -> pixel_values (3, H, W) float32 for the VQ encoder
+out: VQ decoder pixels (B, 3, H, W) -> x*std + mean -> x*255 (float64 -> float32) -> clip -> uint8 (truncates)
+     -> B RGB PIL images
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
 
 class ImageError(ValueError):
     """An input image that cannot be used (unreadable, corrupt, a decompression bomb, extreme aspect ratio)."""
@@ -29,90 +26,136 @@ class ImageError(ValueError):
 class ImageConfig:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    rescale_factor: float
-    min_pixels: int
-    max_pixels: int
-    spatial_factor: int
-    resample: int = Image.BICUBIC
+    rescale_factor: float = 1 / 255
+    min_pixels: int = 512 * 512
+    max_pixels: int = 1024 * 1024
+    spatial_factor: int = 8
+    resample: str = "bicubic"  # lower-case name of a PIL.Image.Resampling member
 
     @classmethod
     def from_manifest(cls, d: dict) -> ImageConfig:
         resample = d.get("resample", "bicubic")
-        return cls(tuple(d["image_mean"]), tuple(d["image_std"]), float(d["rescale_factor"]), int(d["min_pixels"]),
-                   int(d["max_pixels"]), int(d["spatial_factor"]),
-                   RESAMPLE[resample] if isinstance(resample, str) else int(resample))
+        name = Image.Resampling(int(resample)).name if not isinstance(resample, str) else resample
+        if name.upper() not in Image.Resampling.__members__:
+            raise ValueError(f"unknown resample filter {resample!r}")
+        return cls(tuple(float(x) for x in d["image_mean"]), tuple(float(x) for x in d["image_std"]),
+                   float(d["rescale_factor"]), int(d["min_pixels"]), int(d["max_pixels"]), int(d["spatial_factor"]),
+                   name.lower())
+
+    @property
+    def pil_resample(self) -> Image.Resampling:
+        return Image.Resampling[self.resample.upper()]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Transformers' Emu3 smart_resize: sides multiple of `factor`, area within [min_pixels, max_pixels]."""
+    """Transformers' Emu3 smart_resize, line for line: sides multiples of `factor`, area within [min, max] pixels."""
     if height < 1 or width < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    if max(height, width) / min(height, width) > 200:
-        raise ImageError(f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width):g}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if (ratio := max(height, width) / min(height, width)) > 200:
+        raise ImageError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar = round(height / factor) * factor  # Python round: half to even, as transformers
+    w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """As transformers' convert_to_rgb: transparency is composited onto white, every other mode converted."""
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    """transformers.image_transforms.convert_to_rgb for PIL input.
+
+    Anything with an "A" band (RGBA, LA, PA, and also LAB) or a "transparency" entry (P/L/RGB with tRNS) goes to
+    RGBA and is alpha-composited onto opaque white; every other mode is a plain Pillow convert("RGB") (CMYK naive,
+    I;16/I/F saturate to 0..255 and truncate, 1 -> 0/255, RGBa un-premultiplies).
+    """
+    try:
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:  # e.g. mode "La": Pillow has no conversion, transformers fails the same way
+        raise ImageError(f"cannot convert a {img.mode} image to RGB ({e})") from None
 
 
 def preprocess(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
-    """One image -> (3, H, W) float32 with H, W multiples of spatial_factor."""
+    """One image -> pixel_values (3, H, W) float32, H and W multiples of spatial_factor."""
     rgb = to_rgb(img)
+    if rgb.height in (1, 3):
+        # Transformers guesses channels-first for an (H, W, 3) array whose H is 1 or 3: a 1-row image raises there,
+        # a 3-row one comes out scrambled (rows taken as colour channels). Refuse both rather than guess.
+        raise ImageError(f"image is {rgb.height} pixel(s) tall ({rgb.width}x{rgb.height}); need 2 or at least 4")
     h, w = smart_resize(rgb.height, rgb.width, cfg.spatial_factor, cfg.min_pixels, cfg.max_pixels)
-    x = np.asarray(rgb.resize((w, h), resample=cfg.resample))              # (H, W, 3) uint8
-    x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)      # rescale: float64, then down
-    mean, std = np.array(cfg.image_mean, np.float32), np.array(cfg.image_std, np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
+    if h < 1 or w < 1:  # only with min_pixels <= 0: transformers would hand Pillow an empty size
+        raise ImageError(f"image {rgb.width}x{rgb.height} resizes to nothing ({w}x{h})")
+    x = np.asarray(rgb.resize((w, h), resample=cfg.pil_resample))         # (H, W, 3) uint8
+    x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)      # rescale: upcast, multiply, downcast
+    mean = np.array(cfg.image_mean, dtype=np.float32)                       # normalize runs in float32, channels last
+    std = np.array(cfg.image_std, dtype=np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))     # (3, H, W)
 
 
 def preprocess_batch(images: list[Image.Image], cfg: ImageConfig) -> list[np.ndarray]:
+    """One (3, H_i, W_i) array per image, unpadded (transformers zero-pads bottom/right to the batch max)."""
     return [preprocess(im, cfg) for im in images]
 
 
 def postprocess(pixels: np.ndarray, cfg: ImageConfig) -> list[Image.Image]:
-    """(B, 3, H, W) float pixels -> RGB images; out-of-range values clip, fractions truncate (no rounding)."""
-    mean = np.array([-m / s for m, s in zip(cfg.image_mean, cfg.image_std)], np.float32)
-    std = np.array([1 / s for s in cfg.image_std], np.float32)
+    """(B, 3, H, W) decoder pixels -> B RGB images; out-of-range values clip, fractions truncate (no rounding)."""
+    pixels = np.asarray(pixels)
+    if not np.issubdtype(pixels.dtype, np.floating):  # normalize casts non-floats to float32, keeps float dtypes
+        pixels = pixels.astype(np.float32)
+    # unnormalize = normalize with mean' = -mean/std, std' = 1/std (Python floats, then cast to the pixel dtype)
+    mean = np.array([-m / s for m, s in zip(cfg.image_mean, cfg.image_std)], dtype=pixels.dtype)
+    std = np.array([1 / s for s in cfg.image_std], dtype=pixels.dtype)
+    scale = 1.0 / cfg.rescale_factor
     out = []
-    for chw in np.asarray(pixels, dtype=np.float32):
-        x = ((chw.T - mean) / std).T                                         # unnormalize, channels first
-        x = (x.astype(np.float64) * (1.0 / cfg.rescale_factor)).astype(np.float32)
-        out.append(Image.fromarray(x.clip(0, 255).astype(np.uint8).transpose(1, 2, 0)))
+    for chw in pixels:
+        x = ((chw.T - mean) / std).T                                        # (3, H, W); .T puts channels last
+        x = (x.astype(np.float64) * scale).astype(np.float32)               # rescale: upcast, multiply, downcast
+        out.append(Image.fromarray(x.clip(0, 255).astype(np.uint8).transpose(1, 2, 0)))  # (H, W, 3)
     return out
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Open and fully decode an image file (or bytes); every failure is one ImageError line naming the file.
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
-    Pillow's decompression-bomb guard stays on, and its warning (over Image.MAX_IMAGE_PIXELS) counts as an error.
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Read and fully decode an image file (or bytes); every failure is one ImageError line naming the file.
+
+    Pillow's decompression-bomb guard stays on and its warning (over Image.MAX_IMAGE_PIXELS) counts as an error.
+    EXIF orientation is not applied, as transformers does not apply it.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()  # read whole: no file handle stays open behind the image
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{name}: is a directory, not an image") from None
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read ({e.strerror or _one_line(e)})") from None
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            img = Image.open(io.BytesIO(data))
             img.load()
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: refused as a decompression bomb ({e})".splitlines()[0]) from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({_one_line(e)})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read (empty, corrupt or another format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt or truncated image ({e})".splitlines()[0]) from None
+        raise ImageError(f"{name}: not an image Pillow can read (unknown format or corrupt header)") from None
+    except Exception as e:  # untrusted bytes: Pillow's decoders raise many exception types on corrupt input
+        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
     return img

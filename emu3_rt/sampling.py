@@ -1,8 +1,6 @@
-"""The logits filter chain, applied to every decode step's logits, then one selector picks the ids.
-
-Order as in Transformers' generate for Emu3: CFG -> visual-grid constraint -> temperature -> top-k -> top-p
--> selector (Greedy or Sample). Filters take (R, V) float logits and return (B, V) scores; they return a new
-array and never modify their input. Disallowed tokens are -inf; NaN is never allowed through a constraint.
+"""The logits-filter chain applied at every decode step, then one selector that picks the next ids:
+CFG -> visual-grid constraint -> temperature -> top-k -> top-p -> selector (Greedy or Sample), in Transformers' order.
+Filters return a new array; they never modify their input. Disallowed tokens are -inf; selectors never pick NaN.
 """
 
 from __future__ import annotations
@@ -13,14 +11,20 @@ from typing import Protocol
 
 import numpy as np
 
+NEG_INF = np.float32(-np.inf)
+
+
+# ---- decode state and the filter protocol ----
 
 @dataclass(frozen=True)
 class DecodeState:
-    generated: np.ndarray  # (B, n) int64 ids generated so far (n = 0 at the first step)
+    """What a filter may look at: the ids generated so far, (B, n) int64 (n = 0 at the first step)."""
+
+    generated: np.ndarray
 
     @property
     def step(self) -> int:
-        return self.generated.shape[1]
+        return int(self.generated.shape[1])
 
 
 class LogitsFilter(Protocol):
@@ -28,94 +32,108 @@ class LogitsFilter(Protocol):
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float32 (as Transformers computes it); all -inf rows stay all -inf."""
+    """Log-softmax over the last axis in float32, as Transformers computes it; an all -inf row stays all -inf."""
     x = np.asarray(x, dtype=np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         m = np.max(x, axis=-1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0).astype(np.float32)
-        return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+        m = np.where(np.isneginf(m), np.float32(0), m)                   # all -inf row: avoid -inf - -inf
+        lse = np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+        # x = -inf must give -inf even when the whole row is -inf (there lse = -inf and x - m - lse would be NaN)
+        return np.where(np.isneginf(x), NEG_INF, x - m - lse)
 
 
-# ---- guidance and constraint ----
+# ---- guidance and the visual-grid constraint ----
 
 @dataclass(frozen=True)
 class ClassifierFreeGuidance:
-    """(2B, V) logits, cond rows then uncond rows -> (B, V): g * (log_softmax(c) - log_softmax(u)) + log_softmax(u).
-
-    Transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor, on log-probabilities (not raw logits).
+    """(2B, V) logits, B cond rows then B uncond rows -> (B, V) guided log-probs, in float32:
+    scale * (log_softmax(cond) - log_softmax(uncond)) + log_softmax(uncond), as UnbatchedClassifierFreeGuidance.
     """
 
     scale: float
 
     def __post_init__(self):
         if not (math.isfinite(self.scale) and self.scale >= 0):
-            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.scale}")
+            raise ValueError(f"cfg_scale must be finite and >= 0, got {self.scale}")
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
         b = logits.shape[0] // 2
-        cond, uncond = log_softmax(logits[:b]), log_softmax(logits[b:])
+        c, u = log_softmax(logits[:b]), log_softmax(logits[b:])           # (B, V) each, values in [-inf, 0]
         if self.scale == 1:
-            return cond
+            return c
+        s = np.float32(self.scale)
         with np.errstate(invalid="ignore", over="ignore"):
-            out = np.float32(self.scale) * (cond - uncond) + uncond
-        # computed in float32 like Transformers; then made safe for extreme logits: -inf - -inf (NaN) means the
-        # token is impossible -> -inf, and an overflow to +inf saturates at the largest float32
-        out = np.where(np.isnan(out), -np.inf, out)
-        return np.where(np.isposinf(out), np.finfo(np.float32).max, out).astype(np.float32)
+            out = s * (c - u) + u
+            # NaN only comes from a -inf log-prob (extreme logits): take the limit of s*c + (1-s)*u instead
+            c_ok, u_ok = c > NEG_INF, u > NEG_INF
+            limit = np.select([c_ok & ~u_ok, ~c_ok & u_ok], [np.float32(np.inf if s > 1 else -np.inf), u], NEG_INF)
+            out = np.where(np.isnan(out), limit, out)
+        # an overflow to +inf saturates, so the result is always finite or -inf
+        return np.minimum(out, np.finfo(np.float32).max)
+
+
+def image_token_count(h: int, w: int) -> int:
+    """Ids Emu3 generates for an h x w grid: h rows of (w visual ids + EOL), then EOF, EOI, EOS."""
+    return h * (w + 1) + 3
 
 
 class VisualGridConstraint:
-    """Emu3's image layout, per row (h, w): w visual ids then EOL for h rows, then EOF, EOI, EOS, then PAD.
+    """Emu3's prefix constraint (Transformers' docs), vectorized, with its own grid (h, w) per batch row.
 
-    `off` counts from the IMG token that ends the prompt (1 = first generated token); rules in Transformers'
-    order: off % (w+1) == 0 -> EOL; off == (w+1)h + 1 -> EOF; + 2 -> EOI; + 3 -> EOS; beyond -> PAD; else visual.
+    off = generated count + 1 (the prompt ends with the image wrapper token), rules checked in this order:
+    off % (w+1) == 0 -> EOL; off == (w+1)h+1 -> EOF; +2 -> EOI; +3 -> EOS; beyond -> PAD; else visual ids.
     """
 
     VISUAL, EOL, EOF, EOI, EOS, PAD = range(6)
 
     def __init__(self, *, heights: np.ndarray, widths: np.ndarray, visual_ids: np.ndarray, eol: int, eof: int,
                  eoi: int, eos: int, pad: int, vocab_size: int):
-        self.heights = np.asarray(heights, dtype=np.int64)
-        self.widths = np.asarray(widths, dtype=np.int64)
-        # (6, V) allowed-token table, one row per kind: each step is a row gather, no loop over the vocabulary
+        self.heights = np.asarray(heights, dtype=np.int64).reshape(-1)   # (B,)
+        self.widths = np.asarray(widths, dtype=np.int64).reshape(-1)     # (B,)
+        # (6, V) allowed-id table, one row per kind: each step is then a row gather, no loop over the vocabulary
         table = np.zeros((6, vocab_size), dtype=bool)
-        table[self.VISUAL, np.asarray(visual_ids)] = True
+        table[self.VISUAL, np.asarray(visual_ids, dtype=np.int64)] = True
         for kind, token in ((self.EOL, eol), (self.EOF, eof), (self.EOI, eoi), (self.EOS, eos), (self.PAD, pad)):
             table[kind, token] = True
         self.table = table
 
     def kinds(self, step: int) -> np.ndarray:
-        """(B,) kind of the token at generation step `step` (0-based) for each row."""
-        off, n = step + 1, (self.widths + 1) * self.heights
-        return np.select([off % (self.widths + 1) == 0, off == n + 1, off == n + 2, off == n + 3, off > n + 3],
+        """(B,) kind code of the id generated at `step` (0-based) in each row."""
+        off, w1 = step + 1, self.widths + 1
+        n = w1 * self.heights
+        return np.select([off % w1 == 0, off == n + 1, off == n + 2, off == n + 3, off > n + 3],
                          [self.EOL, self.EOF, self.EOI, self.EOS, self.PAD], self.VISUAL)
 
+    def allowed(self, step: int) -> np.ndarray:
+        return self.table[self.kinds(step)]                               # (B, V) bool
+
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
-        allowed = self.table[self.kinds(state.step)]                   # (B, V)
-        return np.where(allowed & ~np.isnan(logits), logits, -np.inf).astype(np.float32)
+        allowed = self.allowed(state.step)
+        # like logits + mask(0 / -inf) on every finite input, but a NaN never survives as an allowed candidate
+        out = np.where(allowed & ~np.isnan(logits), logits, NEG_INF)
+        # Transformers: if every allowed id is -inf, the row becomes the bare mask (uniform over allowed ids)
+        dead = ~(out > NEG_INF).any(axis=-1, keepdims=True)               # (B, 1)
+        return np.where(dead, np.where(allowed, np.float32(0), NEG_INF), out)
 
 
-def image_token_count(h: int, w: int) -> int:
-    return h * (w + 1) + 3
-
-
-# ---- warpers ----
+# ---- warpers (applied only when sampling) ----
 
 @dataclass(frozen=True)
 class Temperature:
-    value: float
+    t: float
 
     def __post_init__(self):
-        if not (math.isfinite(self.value) and self.value > 0):
-            raise ValueError(f"temperature must be > 0, got {self.value}")
+        # greedy decoding is a selector, never temperature 0
+        if not (math.isfinite(self.t) and self.t > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {self.t}")
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
-        return logits / np.float32(self.value)
+        return logits / np.asarray(self.t, dtype=logits.dtype)
 
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep scores >= the k-th largest per row (ties at the threshold stay), like TopKLogitsWarper."""
+    """TopKLogitsWarper: -inf where a score is below the row's k-th largest (ties at the threshold stay)."""
 
     k: int
 
@@ -124,14 +142,15 @@ class TopK:
             raise ValueError(f"top_k must be >= 1, got {self.k}")
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
-        k = min(self.k, logits.shape[-1])
-        kth = np.partition(logits, -k, axis=-1)[:, -k:].min(axis=-1, keepdims=True)
-        return np.where(logits >= kth, logits, -np.inf)
+        v = logits.shape[-1]
+        k = min(self.k, v)
+        kth = np.partition(logits, v - k, axis=-1)[..., v - k: v - k + 1]  # (B, 1)
+        return np.where(logits < kth, NEG_INF, logits)
 
 
 @dataclass(frozen=True)
 class TopP:
-    """Nucleus filtering as TopPLogitsWarper: drop the low tail whose probability mass is <= 1 - p."""
+    """TopPLogitsWarper: sort ascending, drop ids whose cumulative probability is <= 1 - p, keep the best one."""
 
     p: float
 
@@ -140,65 +159,78 @@ class TopP:
             raise ValueError(f"top_p must be in (0, 1], got {self.p}")
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
-        order = np.argsort(logits, axis=-1, kind="stable")              # ascending
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        probs = np.exp(log_softmax(sorted_logits))
-        remove_sorted = np.cumsum(probs, axis=-1) <= (1 - self.p)
-        remove_sorted[:, -1] = False                                      # keep at least the best token
-        remove = np.zeros_like(remove_sorted)
+        if self.p == 1:
+            return logits.copy()
+        order = np.argsort(logits, axis=-1, kind="stable")              # (B, V) ascending; torch's order on ties
+        sorted_logits = np.take_along_axis(logits, order, axis=-1).astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = np.exp(sorted_logits - sorted_logits[..., -1:])
+            probs = e / e.sum(axis=-1, keepdims=True)
+        # torch's CPU cumsum accumulates float32 in float64
+        cum = np.cumsum(probs, axis=-1, dtype=np.float64).astype(np.float32)
+        remove_sorted = cum <= np.float32(1 - self.p)
+        remove_sorted[..., -1] = False                                   # min_tokens_to_keep = 1
+        remove = np.empty_like(remove_sorted)
         np.put_along_axis(remove, order, remove_sorted, axis=-1)
-        return np.where(remove, -np.inf, logits)
+        return np.where(remove, NEG_INF, logits)
 
 
-# ---- selectors ----
+# ---- selectors: (B, V) scores -> (B,) int64 ids ----
 
-def _check_rows(scores: np.ndarray) -> None:
-    ok = (~np.isnan(scores) & (scores > -np.inf)).any(axis=-1)
-    if not ok.all():
-        raise ValueError(f"no token is allowed in row {int(np.flatnonzero(~ok)[0])} (all -inf or NaN)")
+def _usable(scores: np.ndarray) -> np.ndarray:
+    """(B, V) bool: ids a selector may return (not NaN, not -inf); raises for a row without any."""
+    ok = scores > -np.inf                                                # False for NaN as well
+    rows = ok.any(axis=-1)
+    if not rows.all():
+        i = int(np.flatnonzero(~rows)[0])
+        raise ValueError(f"no token is allowed in row {i}: every score is -inf or NaN")
+    return ok
 
 
 class Greedy:
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        _check_rows(scores)
-        return np.argmax(np.where(np.isnan(scores), -np.inf, scores), axis=-1).astype(np.int64)
+        ok = _usable(scores)
+        # first maximum on ties, as torch.argmax
+        return np.argmax(np.where(ok, scores, -np.inf), axis=-1).astype(np.int64)
 
 
 class Sample:
-    """Multinomial draw from softmax(scores) in float64, one uniform number per row per step from `rng`."""
+    """Draw from softmax(scores) (float64), by inverse CDF on one rng.random() per row per step."""
 
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        _check_rows(scores)
-        s = np.where(np.isnan(scores), -np.inf, scores).astype(np.float64)
+        ok = _usable(scores)
+        s = np.where(ok, scores, -np.inf).astype(np.float64)
         top = s.max(axis=-1, keepdims=True)
-        with np.errstate(invalid="ignore"):
-            # +inf entries (if any) share all the mass; otherwise a plain stable softmax
-            weights = np.where(np.isposinf(top), np.isposinf(s).astype(np.float64), np.exp(s - top))
-        cdf = np.cumsum(weights, axis=-1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            # rows with +inf scores: those share all the mass uniformly; else a stable softmax numerator
+            weights = np.where(np.isposinf(top), np.isposinf(s), np.exp(s - top))
+        cdf = np.cumsum(weights, axis=-1)                                # (B, V), unnormalised
         u = self.rng.random(len(s)) * cdf[:, -1]
-        ids = (cdf <= u[:, None]).sum(axis=-1)
-        # float round-off can land on a zero-weight tail: step back to the last token with weight
+        ids = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u)], dtype=np.int64)
+        # round-off can put u at or past the total: fall back to the last id with weight
         last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
         return np.minimum(ids, last).astype(np.int64)
 
 
 # ---- the chain ----
 
-def build_chain(*, cfg_scale: float, grid: VisualGridConstraint | None, temperature: float, top_k: int,
+def build_chain(*, cfg_scale: float | None, grid: VisualGridConstraint | None, temperature: float, top_k: int,
                 top_p: float, greedy: bool) -> list[LogitsFilter]:
-    """CFG (only for scale != 1, as Transformers) -> grid -> and when sampling: temperature, top-k, top-p."""
+    """Transformers' processor order: CFG (when scale != 1), the grid constraint, then when sampling:
+    temperature (!= 1), top-k (> 0), top-p (< 1)."""
     chain: list[LogitsFilter] = []
-    if cfg_scale != 1.0:
+    if cfg_scale is not None and cfg_scale != 1.0:
         chain.append(ClassifierFreeGuidance(cfg_scale))
     if grid is not None:
         chain.append(grid)
     if not greedy:
         if temperature != 1.0:
             chain.append(Temperature(temperature))
-        chain.append(TopK(top_k))
+        if top_k > 0:
+            chain.append(TopK(top_k))
         if top_p < 1.0:
             chain.append(TopP(top_p))
     return chain
