@@ -154,9 +154,10 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         quant = None
         if options.quantize:
             quant = _quantize(work, specs["decoder_step"], options, log)
-        shutil.copyfile(checkpoint / "tokenizer.json", work / "tokenizer.json") \
-            if (checkpoint / "tokenizer.json").is_file() else processor.tokenizer.backend_tokenizer.save(
-                str(work / "tokenizer.json"))
+        if (checkpoint / "tokenizer.json").is_file():  # byte-identical to the checkpoint's
+            shutil.copyfile(checkpoint / "tokenizer.json", work / "tokenizer.json")
+        else:
+            processor.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
         template = processor.chat_template or ""
         (work / "chat_template.jinja").write_text(template, encoding="utf-8")
         image_area = options.image_area or min(720 * 720, int(processor.image_processor.max_pixels))
