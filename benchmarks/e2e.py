@@ -1,6 +1,6 @@
 """Side-by-side CPU benchmark: Transformers `generate` vs emu3_rt on the same seeded checkpoint, in one run.
 
-    python -m benchmarks.e2e [--config tiny|mid] [--grid H W] [--variant opset18|opset23] [--threads N]
+    python -m benchmarks.e2e [--config tiny|mid] [--grid H W] [--variant opset18|opset23|concat] [--threads N]
                              [--json OUT] [--plot OUT.png]
 
 The checkpoint (mid: 8 layers, hidden 512, 8/4 heads, the real 184,622-id vocabulary and 32,768-code codebook)
@@ -20,20 +20,37 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+CONFIGS = ["tiny", "mid", "mid-trained"]  # mid-trained: mid fitted to local text (benchmarks.train)
 NEGATIVE = "lowres, bad anatomy, bad hands, text, error, blurry."
+
+
+# bundle variants of the e2e run -> export options (the default export: opset 18, KV buffer)
+E2E_VARIANTS = {"opset18": dict(opset=18), "opset23": dict(opset=23), "concat": dict(opset=18, kv_cache="concat")}
+
+
+def checkpoint_for(config: str) -> Path:
+    """The seeded checkpoint of a config, built on first use: tiny, mid, or mid-trained (benchmarks.train)."""
+    from export.tiny import build_checkpoint
+
+    ck = CACHE / config / "checkpoint"
+    if not (ck / "config.json").is_file():
+        print(f"building {config} checkpoint in {ck}", file=sys.stderr)
+        if config == "mid-trained":
+            from .train import train
+
+            train(checkpoint_for("mid"), ck, log=lambda m: print(m, file=sys.stderr, flush=True))
+        else:
+            build_checkpoint(ck, config, seed=0)
+    return ck
 
 
 def prepare(config: str, variant: str) -> tuple[Path, Path]:
     from export.build import ExportOptions, build_bundle
-    from export.tiny import build_checkpoint
 
-    ck, bundle = CACHE / config / "checkpoint", CACHE / config / f"bundle-{variant}"
-    if not (ck / "config.json").is_file():
-        print(f"building {config} checkpoint in {ck}", file=sys.stderr)
-        build_checkpoint(ck, config, seed=0)
+    ck, bundle = checkpoint_for(config), CACHE / config / f"bundle-{variant}"
     if not (bundle / "bundle.json").is_file():
         print(f"exporting {bundle}", file=sys.stderr)
-        build_bundle(ck, bundle, ExportOptions(opset=23 if variant == "opset23" else 18, overwrite=True),
+        build_bundle(ck, bundle, ExportOptions(overwrite=True, **E2E_VARIANTS[variant]),
                      log=lambda m: print(m, file=sys.stderr))
     return ck, bundle
 
@@ -124,8 +141,12 @@ def bench_prefill(hf_model, model, length, repeats):
     return {"prompt": length, "hf_ms": 1e3 * t_hf, "emu3_rt_ms": 1e3 * t_rt, "speedup": t_hf / t_rt}
 
 
-def bench_steps(hf_model, model, context, steps=16):
-    """ms per decode step at a given context, split into engine time and host (numpy) time; and HF's."""
+def bench_steps(hf_model, model, context, rows=1, steps=16):
+    """ms per decode step at a given context, split into engine time and host (numpy) time; and HF's.
+
+    rows=2 is a CFG step: emu3_rt runs cond + uncond as one 2-row call; Transformers runs the unconditional
+    forward separately with its own cache (UnbatchedClassifierFreeGuidanceLogitsProcessor), so two calls.
+    """
     import torch
     from transformers import DynamicCache
 
@@ -137,11 +158,11 @@ def bench_steps(hf_model, model, context, steps=16):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, model.bundle.vocab_size, context).tolist()
     engine = TimedEngine(model.engines["decoder"])
-    cache = KVCache(model.bundle, 1)
-    logits = prefill(engine, cache, make_batch([ids], None, model.bundle.tokens.pad), 512)
+    cache = KVCache(model.bundle, rows)
+    logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
     chain, select = build_chain(cfg_scale=1.0, grid=None, temperature=1.0, top_k=1, top_p=1.0, greedy=True), Greedy()
     engine.seconds = 0.0
-    tokens = np.zeros((1, 0), dtype=np.int64)
+    tokens = np.zeros((rows, 0), dtype=np.int64)
     t0 = time.perf_counter()
     for step in range(steps):
         nxt = select(apply_chain(chain, logits, DecodeState(tokens)))
@@ -150,30 +171,37 @@ def bench_steps(hf_model, model, context, steps=16):
     total = (time.perf_counter() - t0) / steps
     eng = engine.seconds / steps
 
-    cache_hf = DynamicCache(config=hf_model.config.text_config)
+    caches = [DynamicCache(config=hf_model.config.text_config) for _ in range(rows)]
     with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor([ids]), past_key_values=cache_hf, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = hf_model(input_ids=nxt, past_key_values=cache_hf, use_cache=True, logits_to_keep=1)  # warm-up
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = []
+        for c in caches:
+            out = hf_model(input_ids=torch.tensor([ids]), past_key_values=c, use_cache=True, logits_to_keep=1)
+            nxt.append(out.logits[:, -1].argmax(-1, keepdim=True))
+
+        def hf_step():
+            for i, c in enumerate(caches):
+                out = hf_model(input_ids=nxt[i], past_key_values=c, use_cache=True, logits_to_keep=1)
+                nxt[i] = out.logits[:, -1].argmax(-1, keepdim=True)
+
+        hf_step()  # warm-up
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = hf_model(input_ids=nxt, past_key_values=cache_hf, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            hf_step()
         hf_ms = 1e3 * (time.perf_counter() - t0) / steps
-    return {"context": context, "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng, "host_ms": 1e3 * (total - eng),
-            "host_share": (total - eng) / total, "hf_ms": hf_ms}
+    return {"context": context, "rows": rows, "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng,
+            "host_ms": 1e3 * (total - eng), "host_share": (total - eng) / total, "hf_ms": hf_ms,
+            "speedup": hf_ms / (1e3 * total)}
 
 
 def main(argv: list[str] | None = None) -> int:
     global ref_ck
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=["tiny", "mid"], default="mid")
+    ap.add_argument("--config", choices=CONFIGS, default="mid")
     ap.add_argument("--grid", nargs=2, type=int, default=[16, 16], metavar=("H", "W"))
-    ap.add_argument("--variant", choices=["opset18", "opset23"], default="opset18")
+    ap.add_argument("--variant", choices=sorted(E2E_VARIANTS), default="opset18")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chat-tokens", type=int, default=64)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096, 8192])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--visual-head", action="store_true", help="also time images on a --head visual bundle")
     ap.add_argument("--json", default=None)
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats, visual)
     report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
     report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
-    report["steps"] = [bench_steps(hf_model, model, c) for c in args.contexts]
+    report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
 
     im, ch = report["image"], report["chat"]
     print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
@@ -218,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
           f"  -> {ch['speedup']:.2f}x")
     for p in report["prefill"]:
         print(f"prefill {p['prompt']}: HF {p['hf_ms']:.0f} ms, emu3_rt {p['emu3_rt_ms']:.0f} ms -> {p['speedup']:.2f}x")
-    print(f"{'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'engine':>7} {'host':>6} {'host %':>7}")
+    print(f"{'step':>5} {'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'x':>5} {'engine':>7} {'host':>6} "
+          f"{'host %':>7}")
     for s in report["steps"]:
-        print(f"{s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} "
-              f"{100 * s['host_share']:6.1f}%")
+        print(f"{'CFG' if s['rows'] == 2 else 'plain':>5} {s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} "
+              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} {100 * s['host_share']:6.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
@@ -235,14 +264,17 @@ def plot(steps, path, config):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ctx = [s["context"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(ctx, [s["hf_ms"] for s in steps], "o-", label="Transformers (eager)")
-    ax.plot(ctx, [s["emu3_rt_ms"] for s in steps], "o-", label="emu3_rt (ORT CPU)")
-    ax.plot(ctx, [s["engine_ms"] for s in steps], ":", label="emu3_rt engine only")
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for rows, style, what in ((1, "-", "plain step"), (2, "--", "CFG step")):
+        part = [s for s in steps if s.get("rows", 1) == rows]
+        if not part:
+            continue
+        ctx = [s["context"] for s in part]
+        ax.plot(ctx, [s["hf_ms"] for s in part], "o" + style, color="C0", label=f"Transformers (eager), {what}")
+        ax.plot(ctx, [s["emu3_rt_ms"] for s in part], "o" + style, color="C1", label=f"emu3_rt (ORT CPU), {what}")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("ms per decode step")
-    ax.set_title(f"{config} model, one row, CPU")
+    ax.set_title(f"{config} model, CPU (CFG: Transformers runs 2 forwards, emu3_rt 1 batched)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -1,6 +1,6 @@
-"""Bundle variants against the fp32 opset-18 bundle of the same checkpoint, measured in one run.
+"""Bundle variants against the default bundle (fp32, opset 18, KV buffer) of the same checkpoint, in one run.
 
-    python -m benchmarks.variants [--config mid] [--variants opset23 visual int8 int4] [--json OUT]
+    python -m benchmarks.variants [--config mid] [--variants concat opset23 visual int8 int4] [--json OUT]
 
 For each variant: bundle size, seconds per image (CFG 3, greedy), chat tokens/s, ms per decode step at short
 and long context, and fidelity against the fp32 bundle: greedy token agreement (chat and image) and the mean
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .e2e import CACHE, NEGATIVE, best_of, prepare
+from .e2e import CACHE, CONFIGS, NEGATIVE, best_of, prepare
 
 VARIANTS = {
     "base": dict(opset=18),
+    "concat": dict(opset=18, kv_cache="concat"),
     "opset23": dict(opset=23),
     "visual": dict(opset=18, head="visual"),
     "int8": dict(opset=18, quantize="int8"),
@@ -85,16 +86,17 @@ def measure(model, grid, chat_tokens, contexts, is_visual) -> dict:
         res["chat_pairs"] = [(c.prompt_ids[0], c.tokens[0]) for c in chats]
     rng = np.random.default_rng(0)
     engine = model.engines["decoder"]
-    for ctx in contexts:
-        ids = rng.integers(0, 30000, ctx).tolist()
-        cache = KVCache(model.bundle, 1)
-        logits = prefill(engine, cache, make_batch([ids], None, model.bundle.tokens.pad), 512)
-        if ctx == contexts[0]:
-            res["first_logits"] = logits[0]
-        t = time.perf_counter()
-        for step in range(12):
-            decode_step(engine, cache, np.array([int(rng.integers(0, 30000))]), step)
-        res[f"step_ms_{ctx}"] = 1e3 * (time.perf_counter() - t) / 12
+    for rows, key in ((1, "step_ms"), (2, "cfg_step_ms")):   # one row, and CFG's two rows in one call
+        for ctx in contexts:
+            ids = rng.integers(0, 30000, ctx).tolist()
+            cache = KVCache(model.bundle, rows)
+            logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
+            if ctx == contexts[0] and rows == 1:
+                res["first_logits"] = logits[0]
+            t = time.perf_counter()
+            for step in range(12):
+                decode_step(engine, cache, np.full(rows, int(rng.integers(0, 30000))), step)
+            res[f"{key}_{ctx}"] = 1e3 * (time.perf_counter() - t) / 12
     return res
 
 
@@ -111,12 +113,12 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=["tiny", "mid"], default="mid")
-    ap.add_argument("--variants", nargs="+", default=["opset23", "visual", "int8", "int4"],
+    ap.add_argument("--config", choices=CONFIGS, default="mid")
+    ap.add_argument("--variants", nargs="+", default=["concat", "opset23", "visual", "int8", "int4"],
                     choices=[v for v in VARIANTS if v != "base"])
     ap.add_argument("--grid", nargs=2, type=int, default=[16, 16])
     ap.add_argument("--chat-tokens", type=int, default=32)
-    ap.add_argument("--contexts", nargs="+", type=int, default=[64, 1024])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[64, 1024, 8192])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -134,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         if n != "visual":
             rows[n]["chat_tf_top1"] = teacher_forced_top1(model, rows["base"]["chat_pairs"])
     base = rows["base"]
-    print(f"\n{args.config}: variants vs the fp32 opset-18 bundle, {args.threads} threads, one run")
+    print(f"\n{args.config}: variants vs the default bundle (fp32, opset 18, KV buffer), {args.threads} threads, "
+          "one run; ms@N: ms per decode step at context N, cfg@N: the same with CFG's 2 rows")
     head = (f"{'variant':8} {'MB':>7} {'s/image':>8} {'x':>5} {'chat tok/s':>10} {'x':>5} "
-            + " ".join(f"{'ms@' + str(c):>8}" for c in args.contexts) + f" {'chat top1':>9} {'chat agree':>10} "
+            + " ".join(f"{'ms@' + str(c):>8}" for c in args.contexts)
+            + " ".join(f"{'cfg@' + str(c):>9}" for c in args.contexts) + f" {'chat top1':>9} {'chat agree':>10} "
             f"{'img agree':>9} {'|d logit|':>9}")
     print(head)
     report = {}
@@ -149,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         report[n] = {"size_mb": r["size_mb"], "image_s": r["image_s"], "image_speedup": base["image_s"] / r["image_s"],
                      "chat_tok_s": r.get("chat_tok_s"), "chat_agreement": chat_agree, "image_agreement": img_agree,
                      "chat_teacher_forced_top1": r.get("chat_tf_top1"),
-                     "mean_abs_logit_diff": dlogit, **{k: v for k, v in r.items() if k.startswith("step_ms")}}
+                     "mean_abs_logit_diff": dlogit, **{k: v for k, v in r.items() if "step_ms" in k}}
         chat = r.get("chat_tok_s")
         print(f"{n:8} {r['size_mb']:7.0f} {r['image_s']:8.2f} {base['image_s'] / r['image_s']:5.2f} "
               f"{chat if chat else float('nan'):10.1f} {(chat or np.nan) / base['chat_tok_s']:5.2f} "
               + " ".join(f"{r[f'step_ms_{c}']:8.2f}" for c in args.contexts)
+              + " ".join(f"{r[f'cfg_step_ms_{c}']:9.2f}" for c in args.contexts)
               + f" {100 * r.get('chat_tf_top1', np.nan):8.1f}% {100 * chat_agree:9.1f}% {100 * img_agree:8.1f}%"
               f" {dlogit:9.4f}")
     if args.json:

@@ -33,7 +33,7 @@ SCHEMA: tuple[tuple[str, Any], ...] = (
     ("model.bos_token_id", _INT), ("model.eos_token_id", _INT), ("model.pad_token_id", _INT),
     ("model.decoder.filename", _STR), ("model.decoder.dtype", _STR), ("model.decoder.variant", _STR),
     ("model.decoder.num_hidden_layers", _INT), ("model.decoder.num_key_value_heads", _INT),
-    ("model.decoder.head_size", _INT), ("model.decoder.io", _DICT),
+    ("model.decoder.head_size", _INT), ("model.decoder.io", _DICT), ("model.decoder.kv_cache", _STR),
     ("model.vq_encoder.filename", _STR), ("model.vq_encoder.io", _DICT),
     ("model.vq_decoder.filename", _STR), ("model.vq_decoder.io", _DICT),
     ("emu3.tokens", _DICT), ("emu3.codebook_size", _INT), ("emu3.visual_token_runs", _LIST),
@@ -47,6 +47,7 @@ SCHEMA: tuple[tuple[str, Any], ...] = (
     ("search.max_new_tokens", _INT), ("search.prefill_chunk", _INT),
     ("files", _DICT),
 )
+KV_CACHES = ("buffer", "concat")
 TOKEN_ROLES = ("bos", "eos", "pad", "image", "boi", "eoi", "image_wrapper", "eol", "eof")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 
@@ -121,6 +122,11 @@ class Bundle:
     @property
     def num_layers(self) -> int:
         return self.manifest["model"]["decoder"]["num_hidden_layers"]
+
+    @property
+    def kv_cache(self) -> str:
+        """KV layout of the step graph: "buffer" (reads a preallocated buffer, returns new rows) or "concat"."""
+        return self.manifest["model"]["decoder"]["kv_cache"]
 
     @property
     def context_length(self) -> int:
@@ -243,6 +249,9 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
                           f"{', '.join(map(str, SCHEMA_VERSIONS))}); re-export or upgrade emu3-bundle")
     for field, kind in SCHEMA:
         _typed(manifest, field, kind)
+    if manifest["model"]["decoder"]["kv_cache"] not in KV_CACHES:
+        raise BundleError(f"bundle.json: field 'model.decoder.kv_cache' must be one of {KV_CACHES}, "
+                          f"got {manifest['model']['decoder']['kv_cache']!r:.40}")
     vocab = manifest["model"]["vocab_size"]
     for name, entry in manifest["files"].items():
         _inside(root, name, "files key")

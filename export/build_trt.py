@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from emu3_rt.bundle import sha256_file
+from emu3_rt.kv_cache import KV_BLOCK
 
 
 def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list[dict[str, tuple]]:
@@ -31,9 +32,11 @@ def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list
     kv, d = dec["num_key_value_heads"], dec["head_size"]
     past_names = [dec["inputs"][f"past_{k}_names"] % i
                   for i in range(dec["num_hidden_layers"]) for k in ("key", "value")]
+    # past = the filled cache (concat), or the runtime's buffer, whose capacity is a multiple of KV_BLOCK
+    top = -(-ctx // KV_BLOCK) * KV_BLOCK if dec["kv_cache"] == "buffer" else ctx - 1
     profiles = []
     # (min, opt, max) of the new tokens and of the past: a prefill profile and a decode profile
-    for seq, past in (((1, chunk, chunk), (0, 0, ctx - 1)), ((1, 1, 1), (1, min(1024, ctx - 1), ctx - 1))):
+    for seq, past in (((1, chunk, chunk), (0, 0, top)), ((1, 1, 1), (1, min(1024, top), top))):
         p = {"input_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
              "position_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
              "attention_mask": tuple((b, s + q) for b, s, q in zip((1, 2, max_batch), seq, past))}

@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from .wrappers import DecoderStep, VQDecoder, VQEncoder
+from .wrappers import DecoderStep, DecoderStepBuffered, VQDecoder, VQEncoder
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which the graph keeps them in a side file
 
@@ -41,10 +41,17 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-def step_specs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, kv_dtype: str) -> GraphSpec:
+KV_CACHES = ("buffer", "concat")
+
+
+def step_specs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, kv_dtype: str,
+               kv_cache: str = "buffer") -> GraphSpec:
+    """buffer: past = the runtime's KV buffer (PAST = its capacity), present = the S new rows.
+    concat: past = the filled cache, present = past + new (TOTAL rows)."""
+    new_rows = SEQ if kv_cache == "buffer" else TOTAL
     past = [TensorSpec(f"past_key_values.{i}.{kind}", kv_dtype, (BATCH, kv_heads, PAST, head_dim))
             for i in range(num_layers) for kind in ("key", "value")]
-    present = [TensorSpec(f"present.{i}.{kind}", kv_dtype, (BATCH, kv_heads, TOTAL, head_dim))
+    present = [TensorSpec(f"present.{i}.{kind}", kv_dtype, (BATCH, kv_heads, new_rows, head_dim))
                for i in range(num_layers) for kind in ("key", "value")]
     inputs = (TensorSpec("input_ids", "int64", (BATCH, SEQ)),
               TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
@@ -151,12 +158,14 @@ def export_vq_decoder(vqmodel, out_dir: Path, opset: int) -> GraphSpec:
     return spec
 
 
-def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | None = None) -> GraphSpec:
+def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | None = None,
+                        kv_cache: str = "buffer") -> GraphSpec:
     tc = model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     dtype = next(model.parameters()).dtype
     spec = step_specs(tc.num_hidden_layers, tc.num_key_value_heads, head_dim,
-                      tc.vocab_size if head_ids is None else len(head_ids), str(dtype).removeprefix("torch."))
+                      tc.vocab_size if head_ids is None else len(head_ids), str(dtype).removeprefix("torch."),
+                      kv_cache)
     # B=2, S=3, P=5 so that no dim is 0 or 1 at trace time
     b, s, p = 2, 3, 5
     ids = torch.randint(0, tc.vocab_size, (b, s))
@@ -167,6 +176,7 @@ def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | 
     past_len, total = Dim("past", min=0, max=1 << 20), Dim("total", min=1, max=1 << 21)
     # forward(*past) is a varargs parameter: its dims go in as one tuple
     dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
-    _export(DecoderStep(model, head_ids).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
+    wrapper = {"buffer": DecoderStepBuffered, "concat": DecoderStep}[kv_cache]
+    _export(wrapper(model, head_ids).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
             _weight_bytes(model) - _weight_bytes(model.model.vqmodel))
     return spec

@@ -80,8 +80,13 @@ def _positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
-def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int] | None = None) -> list[Check]:
-    """head_ids: the graph scores only these vocabulary columns (a visual-only head)."""
+def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int] | None = None,
+                        kv_cache: str = "buffer") -> list[Check]:
+    """head_ids: the graph scores only these vocabulary columns (a visual-only head).
+
+    kv_cache "buffer": the past goes in as a buffer with `spare` empty slots after the P filled ones, holding
+    random values under mask 0 (they must not leak), and the presents are compared with the S new rows.
+    """
     from transformers import DynamicCache
 
     tc = model.config.text_config
@@ -91,9 +96,11 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
     out_names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(seed)
     checks = []
-    # (batch, past, seq, left pad of row 1)
-    cases = ((1, 0, 7, 0), (3, 0, 5, 0), (3, 1, 1, 0), (1, 37, 1, 0), (3, 37, 4, 0), (2, 0, 9, 3), (2, 6, 1, 3))
-    for b, p, s, pad in cases:
+    # (batch, past, seq, left pad of row 1, empty buffer slots)
+    cases = ((1, 0, 7, 0, 0), (3, 0, 5, 0, 4), (3, 1, 1, 0, 0), (1, 37, 1, 0, 11), (3, 37, 4, 0, 2),
+             (2, 0, 9, 3, 0), (2, 6, 1, 3, 5))
+    for b, p, s, pad, spare in cases:
+        spare = spare if kv_cache == "buffer" else 0
         ids = rng.integers(0, tc.vocab_size, (b, p + s))
         mask = np.ones((b, p + s), dtype=np.int64)
         if pad:
@@ -107,10 +114,13 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
                       past_key_values=cache, use_cache=True)
             past = [x for layer in cache.layers for x in (layer.keys, layer.values)] if p else \
                 [torch.zeros(b, tc.num_key_value_heads, 0, _head_dim(tc), dtype=dtype)] * (2 * tc.num_hidden_layers)
-            feeds = {"input_ids": ids[:, p:], "attention_mask": mask, "position_ids": pos[:, p:]}
+            # the graph's mask: P filled slots, `spare` empty ones, then the S new tokens
+            graph_mask = np.concatenate([mask[:, :p], np.zeros((b, spare), np.int64), mask[:, p:]], axis=1)
+            feeds = {"input_ids": ids[:, p:], "attention_mask": graph_mask, "position_ids": pos[:, p:]}
             for i in range(tc.num_hidden_layers):
-                feeds[f"past_key_values.{i}.key"] = _np(past[2 * i])
-                feeds[f"past_key_values.{i}.value"] = _np(past[2 * i + 1])
+                for kind, x in (("key", past[2 * i]), ("value", past[2 * i + 1])):
+                    junk = torch.from_numpy(rng.standard_normal((b, x.shape[1], spare, x.shape[3]))).to(x.dtype)
+                    feeds[f"past_key_values.{i}.{kind}"] = _np(torch.cat([x, junk], dim=2))
             ref = model(input_ids=t(ids[:, p:]), attention_mask=t(mask), position_ids=t(pos[:, p:]),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         got = dict(zip(out_names, sess.run(out_names, feeds)))
@@ -118,17 +128,19 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
         if head_ids is not None:
             ref_logits = ref_logits[:, head_ids]
         scale = max(1.0, float(np.abs(ref_logits).max()))
-        case = f"B={b} P={p} S={s}" + (f" leftpad={pad}" if pad else "")
+        case = f"B={b} P={p} S={s}" + (f" leftpad={pad}" if pad else "") + (f" empty={spare}" if spare else "")
         checks.append(Check("decoder_step", case, "max |d logit| / scale",
                             float(np.abs(got["logits"] - ref_logits).max()) / scale, logit_tol))
         # Positions under mask == 0 (left padding) hold values no output ever reads: a fully masked query row
         # is NaN-guarded differently by sdpa and the ONNX graph, so only attended positions are compared.
-        keep = mask.astype(bool)[:, None, :, None]
+        # A buffer graph returns only the new rows.
+        first = p if kv_cache == "buffer" else 0
+        keep = mask[:, first:].astype(bool)[:, None, :, None]
         kv_diff = 0.0
         for i, layer in enumerate(cache.layers[: tc.num_hidden_layers]):
             for kind, ref_kv in (("key", layer.keys), ("value", layer.values)):
                 g = got[f"present.{i}.{kind}"].astype(np.float32)
-                r = ref_kv.float().numpy()
+                r = ref_kv[:, :, first:].float().numpy()
                 kv_diff = max(kv_diff, np.inf if g.shape != r.shape else float(np.abs(np.where(keep, g - r, 0)).max()))
         checks.append(Check("decoder_step", case, "max |d present|", kv_diff, kv_tol))
     return checks

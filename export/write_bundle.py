@@ -65,7 +65,8 @@ def _io(spec: GraphSpec) -> dict:
 
 def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: dict[str, GraphSpec],
                    variant: str, opset: int, dtype: str, image_area: int, versions: dict,
-                   head_ids: list[int] | None = None, quantization: dict | None = None) -> dict:
+                   head_ids: list[int] | None = None, quantization: dict | None = None,
+                   kv_cache: str = "buffer") -> dict:
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vq_config
     tok = processor.tokenizer
@@ -110,7 +111,9 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
                 # "full": logits over the whole vocabulary; "visual": column j scores the id from logit_id_runs
                 "head": "full" if head_ids is None else "visual",
                 **({} if head_ids is None else {"logit_id_runs": id_runs(head_ids)}),
-                "kv_cache": "concat",
+                # "buffer": past = the runtime's preallocated KV buffer (mask 0 on empty slots), present = the new
+                # rows only; "concat": past = the filled cache, present = past + new
+                "kv_cache": kv_cache,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},

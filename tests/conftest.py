@@ -39,17 +39,18 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, checkpoints):
-    """(preset, opset, head) -> (bundle directory, manifest, parity checks), exported on first use."""
+    """(preset, opset, head, kv_cache) -> (bundle directory, manifest, parity checks), exported on first use."""
     from export.build import ExportOptions, build_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, tuple] = {}
 
-    def get(preset: str, opset: int = 18, head: str = "full"):
-        key = (preset, opset, head)
+    def get(preset: str, opset: int = 18, head: str = "full", kv_cache: str = "buffer"):
+        key = (preset, opset, head, kv_cache)
         if key not in cache:
-            out = root / f"{preset}-op{opset}-{head}"
-            manifest, checks = build_bundle(checkpoints(preset), out, ExportOptions(opset=opset, head=head))
+            out = root / f"{preset}-op{opset}-{head}-{kv_cache}"
+            options = ExportOptions(opset=opset, head=head, kv_cache=kv_cache)
+            manifest, checks = build_bundle(checkpoints(preset), out, options)
             cache[key] = (out, manifest, checks)
         return cache[key]
 

@@ -38,9 +38,11 @@ def _dims(path, names):
 def test_export_parity_and_geometry(bundles, preset):
     out, manifest, checks = bundles(preset)
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
-    cases = {c.case for c in checks if c.graph == "decoder_step"}
+    cases = {c.case.split(" empty=")[0] for c in checks if c.graph == "decoder_step"}
     # the shapes the issue names: batch 1 and 3, past 0/1/37, continuation, left padding
     assert {"B=1 P=0 S=7", "B=3 P=1 S=1", "B=1 P=37 S=1", "B=3 P=37 S=4", "B=2 P=0 S=9 leftpad=3"} <= cases
+    # the KV buffer is checked with empty slots holding random values under mask 0, with and without padding
+    assert {"B=1 P=37 S=1 empty=11", "B=2 P=6 S=1 leftpad=3 empty=5"} <= {c.case for c in checks}
     assert any("x" in c.case and c.case.split()[1].split("x")[0] != c.case.split()[1].split("x")[1]
                for c in checks if c.graph == "vq_encoder"), "no non-square encoder case"
 
@@ -70,7 +72,7 @@ def test_dynamic_dims_are_symbolic(bundles):
         "attention_mask": ["batch_size", "total_sequence_length"],
         "past_key_values.1.value": ["batch_size", 2, "past_sequence_length", 16],
         "logits": ["batch_size", 1067],
-        "present.0.key": ["batch_size", 2, "total_sequence_length", 16],
+        "present.0.key": ["batch_size", 2, "sequence_length", 16],  # a buffer graph returns the new rows only
     }
     assert _dims(out / "vq_encoder.onnx", {"pixel_values", "codes"}) == {
         "pixel_values": ["batch_size", 3, "height", "width"], "codes": ["batch_size", "grid_height", "grid_width"]}
@@ -80,6 +82,15 @@ def test_dynamic_dims_are_symbolic(bundles):
     io = manifest["model"]["decoder"]["io"]
     assert io["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float32",
                                "dims": ["batch_size", 2, "past_sequence_length", 16]}
+
+
+def test_concat_kv_layout(bundles):
+    """--kv-cache concat: present = past + new (Optimum's layout), verified the same way, recorded in the manifest."""
+    out, manifest, checks = bundles("tiny", kv_cache="concat")
+    assert all(c.ok for c in checks) and manifest["model"]["decoder"]["kv_cache"] == "concat"
+    assert not any("empty=" in c.case for c in checks)
+    assert _dims(out / "decoder_step.onnx", {"present.1.value"}) == {
+        "present.1.value": ["batch_size", 2, "total_sequence_length", 16]}
 
 
 def test_frozen_dim_is_rejected(bundles, tmp_path):

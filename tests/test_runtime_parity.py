@@ -44,9 +44,15 @@ def pictures(tmp_path_factory):
     return paths
 
 
-def _setup(bundles, checkpoints, preset):
-    out, _, _ = bundles(preset)
+def _setup(bundles, checkpoints, preset, kv_cache="buffer"):
+    out, manifest, _ = bundles(preset, kv_cache=kv_cache)
+    assert manifest["model"]["decoder"]["kv_cache"] == kv_cache
     return str(out), str(checkpoints(preset))
+
+
+# KV layouts under test: the buffer growing in blocks of 256 (these prompts never fill one), the buffer growing
+# every 7 positions (odd, so growth lands inside prefill chunks and between decode steps), and concat.
+KV_CASES = [("buffer", 256), ("buffer", 7), ("concat", 256)]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -100,9 +106,11 @@ def test_chat_batch_of_two_lengths(bundles, checkpoints, capsys, pictures, prese
     assert got["prompt_ids"] == ids and got["tokens"] == tokens
 
 
-def test_chat_batch_with_images(bundles, checkpoints, capsys, pictures):
+@pytest.mark.parametrize("kv_cache,block", KV_CASES)
+def test_chat_batch_with_images(bundles, checkpoints, capsys, pictures, monkeypatch, kv_cache, block):
     """Images of one call are zero-padded into one VQ batch, as Emu3ImageProcessor does."""
-    bundle, ck = _setup(bundles, checkpoints, "tiny")
+    monkeypatch.setattr("emu3_rt.kv_cache.KV_BLOCK", block)
+    bundle, ck = _setup(bundles, checkpoints, "tiny", kv_cache)
     a, b = "<image>what is it?", "and<image>here"
     got = run_cli(capsys, "chat", "--bundle", bundle, "--raw-prompt", "--prompt", a, "--image", str(pictures[0]),
                   "--prompt", b, "--image", str(pictures[1]), "--greedy", "--max-new-tokens", "8")
@@ -153,9 +161,11 @@ def test_text_to_image_cfg_uses_bundle_negative_prompt(bundles, checkpoints, cap
     _check_image(got, ck, tokens, grids, pixels, tmp_path)
 
 
-def test_two_ratios_in_one_batch_with_cfg(bundles, checkpoints, capsys, tmp_path):
+@pytest.mark.parametrize("kv_cache,block", KV_CASES)
+def test_two_ratios_in_one_batch_with_cfg(bundles, checkpoints, capsys, tmp_path, monkeypatch, kv_cache, block):
     """Different grids per row (4:3 gives 7x9, 1:2 gives 11x6) and uncond rows of different lengths."""
-    bundle, ck = _setup(bundles, checkpoints, "tiny")
+    monkeypatch.setattr("emu3_rt.kv_cache.KV_BLOCK", block)
+    bundle, ck = _setup(bundles, checkpoints, "tiny", kv_cache)
     prompts = ["a portrait of young girl", "sunset"]
     got = run_cli(capsys, "generate-image", "--bundle", bundle, "--prompt", prompts[0], "--prompt", prompts[1],
                   "--ratio", "4:3", "--ratio", "1:2", "--cfg-scale", "3", "--negative-prompt", "ugly", "--greedy",
