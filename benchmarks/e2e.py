@@ -141,8 +141,11 @@ def bench_prefill(hf_model, model, length, repeats):
     return {"prompt": length, "hf_ms": 1e3 * t_hf, "emu3_rt_ms": 1e3 * t_rt, "speedup": t_hf / t_rt}
 
 
-def bench_steps(hf_model, model, context, rows=1, steps=16):
+def bench_steps(hf_model, model, context, rows=1, hf_steps=16):
     """ms per decode step at a given context, split into engine time and host (numpy) time; and HF's.
+
+    emu3_rt runs KV_BLOCK steps, so the one buffer growth per block (a copy of the whole cache) is in the
+    average as it is in a real run; Transformers' step has no such period, 16 steps are enough.
 
     rows=2 is a CFG step: emu3_rt runs cond + uncond as one 2-row call; Transformers runs the unconditional
     forward separately with its own cache (UnbatchedClassifierFreeGuidanceLogitsProcessor), so two calls.
@@ -151,10 +154,11 @@ def bench_steps(hf_model, model, context, rows=1, steps=16):
     from transformers import DynamicCache
 
     from emu3_rt.generate import decode_step, prefill
-    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.kv_cache import KV_BLOCK, KVCache
     from emu3_rt.prompt import make_batch
     from emu3_rt.sampling import DecodeState, Greedy, apply_chain, build_chain
 
+    steps = KV_BLOCK
     rng = np.random.default_rng(1)
     ids = rng.integers(0, model.bundle.vocab_size, context).tolist()
     engine = TimedEngine(model.engines["decoder"])
@@ -185,12 +189,50 @@ def bench_steps(hf_model, model, context, rows=1, steps=16):
 
         hf_step()  # warm-up
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(hf_steps):
             hf_step()
-        hf_ms = 1e3 * (time.perf_counter() - t0) / steps
+        hf_ms = 1e3 * (time.perf_counter() - t0) / hf_steps
     return {"context": context, "rows": rows, "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng,
             "host_ms": 1e3 * (total - eng), "host_share": (total - eng) / total, "hf_ms": hf_ms,
             "speedup": hf_ms / (1e3 * total)}
+
+
+def attention_only_ms(bundle, context: int, rows: int, threads: int, repeats: int = 20) -> float:
+    """ms of a decode step's attention alone, in onnxruntime: for every layer, one query per head against
+    `context` cached positions (q·Kᵀ + mask bias, softmax, p·V), GQA grouped as in the step graph. This is the
+    part of a step that must grow with context; the rest of the step should not."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    dec = bundle.manifest["model"]["decoder"]
+    layers, kv, d = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+    g = dec["num_attention_heads"] // kv
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("q", f32, ["r", kv, g, d]),
+              helper.make_tensor_value_info("bias", f32, ["r", 1, 1, "c"])]
+    nodes, outputs = [], []
+    for i in range(layers):
+        inputs += [helper.make_tensor_value_info(f"k{i}", f32, ["r", kv, "c", d]),
+                   helper.make_tensor_value_info(f"v{i}", f32, ["r", kv, "c", d])]
+        nodes += [helper.make_node("Transpose", [f"k{i}"], [f"kt{i}"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", ["q", f"kt{i}"], [f"s{i}"]),
+                  helper.make_node("Add", [f"s{i}", "bias"], [f"b{i}"]),
+                  helper.make_node("Softmax", [f"b{i}"], [f"p{i}"], axis=-1),
+                  helper.make_node("MatMul", [f"p{i}", f"v{i}"], [f"o{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"o{i}", f32, ["r", kv, g, d]))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((rows, kv, g, d), dtype=np.float32),
+             "bias": np.zeros((rows, 1, 1, context), np.float32)}
+    for i in range(layers):
+        for kind in "kv":
+            feeds[f"{kind}{i}"] = rng.standard_normal((rows, kv, context, d), dtype=np.float32)
+    sess.run(None, feeds)
+    return 1e3 * min(best_of(1, lambda: sess.run(None, feeds))[0] for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
     report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
     report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
+    for s in report["steps"]:  # the capacity the runtime's buffer has at this context: the next KV_BLOCK multiple
+        s["attention_ms"] = attention_only_ms(model.bundle, _capacity(s["context"]), s["rows"], args.threads)
 
     im, ch = report["image"], report["chat"]
     print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
@@ -246,16 +290,29 @@ def main(argv: list[str] | None = None) -> int:
           f"  -> {ch['speedup']:.2f}x")
     for p in report["prefill"]:
         print(f"prefill {p['prompt']}: HF {p['hf_ms']:.0f} ms, emu3_rt {p['emu3_rt_ms']:.0f} ms -> {p['speedup']:.2f}x")
+    print("per decode step; attention: the attention ops alone at that context (the part that must grow);")
+    print("growth: (step - step at the first context) / (attention - attention at the first context)")
     print(f"{'step':>5} {'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'x':>5} {'engine':>7} {'host':>6} "
-          f"{'host %':>7}")
+          f"{'host %':>7} {'attention':>9} {'growth':>6}")
     for s in report["steps"]:
+        first = next(f for f in report["steps"] if f["rows"] == s["rows"])
+        d_attn = s["attention_ms"] - first["attention_ms"]
+        s["growth_vs_attention"] = (s["emu3_rt_ms"] - first["emu3_rt_ms"]) / d_attn if s is not first else None
+        growth = f"{s['growth_vs_attention']:6.2f}" if s is not first else f"{'':6}"
         print(f"{'CFG' if s['rows'] == 2 else 'plain':>5} {s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} "
-              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} {100 * s['host_share']:6.1f}%")
+              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} {100 * s['host_share']:6.1f}% "
+              f"{s['attention_ms']:9.2f} {growth}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(report["steps"], args.plot, args.config)
     return 0
+
+
+def _capacity(context: int) -> int:
+    from emu3_rt.kv_cache import KV_BLOCK
+
+    return -(-(context + 1) // KV_BLOCK) * KV_BLOCK
 
 
 def plot(steps, path, config):
