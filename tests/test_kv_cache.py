@@ -58,3 +58,21 @@ def test_unknown_layout_is_refused(bundle_copy):
     path.write_text(json.dumps(manifest))
     with pytest.raises(emu3_rt.BundleError, match=r"'model.decoder.kv_cache' must be one of"):
         load_bundle(bundle_copy)
+
+
+def test_trt_profiles_cover_every_buffer_capacity():
+    """The TensorRT plans' shape profiles admit every buffer the runtime can pass, up to the context length."""
+    import json
+
+    from emu3_rt.kv_cache import KV_BLOCK
+    from export.build_trt import _profiles
+
+    manifest = json.loads((TINY_BUNDLE / "bundle.json").read_text())
+    ctx = manifest["model"]["context_length"]
+    prefill, decode = _profiles(manifest, "decoder", max_batch=2, max_side=128)
+    largest = -(-ctx // KV_BLOCK) * KV_BLOCK          # the capacity that holds a full context
+    for profile, seq in ((prefill, manifest["search"]["prefill_chunk"]), (decode, 1)):
+        (_, _, top), (_, _, mask_top) = profile["past_key_values.0.key"], profile["attention_mask"]
+        assert top[2] >= largest and mask_top[1] == top[2] + seq
+        assert profile["input_ids"][2] == (2, seq)
+    assert decode["past_key_values.0.key"][0][2] <= KV_BLOCK  # the smallest buffer the runtime makes
