@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Tolerances per step-graph dtype: (logits relative to their scale, present K/V absolute).
+# Tolerances per step-graph dtype: (logits, present K/V), each relative to the reference's scale max(1, max |x|):
+# trained checkpoints carry K/V of magnitude 10-100, where float32 rounding alone exceeds an absolute 1e-5.
 STEP_TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-2), "bfloat16": (1e-1, 5e-2)}
 PIXEL_TOLERANCE = 1e-4
 
@@ -141,8 +142,10 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
             for kind, ref_kv in (("key", layer.keys), ("value", layer.values)):
                 g = got[f"present.{i}.{kind}"].astype(np.float32)
                 r = ref_kv[:, :, first:].float().numpy()
-                kv_diff = max(kv_diff, np.inf if g.shape != r.shape else float(np.abs(np.where(keep, g - r, 0)).max()))
-        checks.append(Check("decoder_step", case, "max |d present|", kv_diff, kv_tol))
+                scale = max(1.0, float(np.abs(np.where(keep, r, 0)).max()))
+                diff = np.inf if g.shape != r.shape else float(np.abs(np.where(keep, g - r, 0)).max()) / scale
+                kv_diff = max(kv_diff, diff)
+        checks.append(Check("decoder_step", case, "max |d present| / scale", kv_diff, kv_tol))
     return checks
 
 
