@@ -331,7 +331,7 @@ def plot(steps, path, config):
         ax.plot(ctx, [s["emu3_rt_ms"] for s in part], "o" + style, color="C1", label=f"emu3_rt (ORT CPU), {what}")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("ms per decode step")
-    ax.set_title(f"{config} model, CPU (CFG: Transformers runs 2 forwards, emu3_rt 1 batched)")
+    ax.set_title(f"{config} model, CPU; CFG: Transformers 2 forwards, emu3_rt 1 batched call", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

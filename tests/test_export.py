@@ -117,7 +117,11 @@ def test_opset23_variant(bundles):
     assert all(c.ok for c in checks)
     assert manifest["model"]["decoder"]["variant"] == "opset23-fused"
     ops = {n.op_type for n in onnx.load(str(out / "decoder_step.onnx")).graph.node}
-    assert {"RMSNormalization", "Attention"} & ops, ops
+    assert {"RMSNormalization", "RotaryEmbedding"} <= ops, ops
+    # the buffer layout's split attention is plain MatMul/Softmax; the concat layout uses ONNX Attention
+    out, _, checks = bundles("tiny", opset=23, kv_cache="concat")
+    assert all(c.ok for c in checks)
+    assert "Attention" in {n.op_type for n in onnx.load(str(out / "decoder_step.onnx")).graph.node}
 
 
 def test_manifest_provenance_and_defaults(bundles, checkpoints):
