@@ -47,7 +47,7 @@ class ExportOptions:
     # onnxruntime device for the parity checks: "cpu" or "cuda" (bf16 graphs have no CPU kernels)
     verify_device: str = "cpu"
     # KV cache of the step graph: "buffer" (reads the runtime's preallocated buffer, returns the new rows only)
-    # or "concat" (returns past + new: copies the whole cache every step; 3.6x slower per CFG step at 8k context)
+    # or "concat" (returns past + new: copies the whole cache every step; ~3x slower per CFG step at 8k context)
     kv_cache: str = "buffer"
 
 
