@@ -80,7 +80,10 @@ def quantize_step(src: Path, dst: Path, options: QuantOptions, logits_name: str 
     for bits, select in passes:
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
                                  accuracy_level=options.accuracy_level, **select)
-        q.process()
+        # An all-zero weight block has scale 0; the quantizer maps it to 0 with np.where, but numpy still
+        # evaluates (and warns about) the discarded 0/0.
+        with np.errstate(invalid="ignore"):
+            q.process()
         model = q.model.model
     big = sum(i.ByteSize() for i in model.graph.initializer) > (1 << 30)
     onnx.save(model, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
