@@ -44,15 +44,24 @@ def checkpoint_for(config: str) -> Path:
     return ck
 
 
-def prepare(config: str, variant: str) -> tuple[Path, Path]:
+def cached_bundle(ck: Path, out: Path, **options) -> Path:
+    """The bundle exported from `ck` into the cache; (re-)exported when missing or when this runtime refuses
+    it (a cache left by an older version)."""
+    from emu3_rt.bundle import BundleError, load_bundle
     from export.build import ExportOptions, build_bundle
 
-    ck, bundle = checkpoint_for(config), CACHE / config / f"bundle-{variant}"
-    if not (bundle / "bundle.json").is_file():
-        print(f"exporting {bundle}", file=sys.stderr)
-        build_bundle(ck, bundle, ExportOptions(overwrite=True, **E2E_VARIANTS[variant]),
-                     log=lambda m: print(m, file=sys.stderr))
-    return ck, bundle
+    try:
+        load_bundle(out)
+        return out
+    except BundleError as e:
+        print(f"exporting {out} ({e})", file=sys.stderr)
+    build_bundle(ck, out, ExportOptions(overwrite=True, **options), log=lambda m: print(m, file=sys.stderr))
+    return out
+
+
+def prepare(config: str, variant: str) -> tuple[Path, Path]:
+    ck = checkpoint_for(config)
+    return ck, cached_bundle(ck, CACHE / config / f"bundle-{variant}", **E2E_VARIANTS[variant])
 
 
 class TimedEngine:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .e2e import CACHE, CONFIGS, NEGATIVE, best_of, prepare
+from .e2e import CACHE, CONFIGS, NEGATIVE, best_of, cached_bundle, prepare
 
 VARIANTS = {
     "base": dict(opset=18),
@@ -33,16 +33,10 @@ CHATS = ["please describe the picture of the old house at night in detail", "wha
 
 
 def export_variant(config: str, name: str) -> Path:
-    from export.build import ExportOptions, build_bundle
-
     ck, base = prepare(config, "opset18")
     if name == "base":
         return base
-    out = CACHE / config / f"bundle-{name}"
-    if not (out / "bundle.json").is_file():
-        print(f"exporting {out}", file=sys.stderr)
-        build_bundle(ck, out, ExportOptions(overwrite=True, **VARIANTS[name]))
-    return out
+    return cached_bundle(ck, CACHE / config / f"bundle-{name}", **VARIANTS[name])
 
 
 def size_mb(path: Path) -> float:

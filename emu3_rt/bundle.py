@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSIONS = (1,)
+# 2: the step graph may use the "buffer" KV layout (present = the new rows only). A runtime that reads only 1
+# would feed such a graph as if present were the whole cache, so the version changed with it.
+SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "bundle.json"
 
 
@@ -182,6 +184,22 @@ def _graph(manifest: dict, root: Path, key: str) -> GraphSpec:
     return GraphSpec(_inside(root, block["filename"], f"model.{key}.filename"), specs["inputs"], specs["outputs"])
 
 
+def _check_kv_layout(bundle: Bundle) -> None:
+    """The declared layout must match the step graph's present K/V length: the new tokens' (buffer) or the
+    whole mask's (concat). A mismatch would otherwise surface as a numpy broadcast or a silent ONNX one."""
+    dec = bundle.manifest["model"]["decoder"]
+    try:
+        present = bundle.decoder.output(dec["outputs"]["present_key_names"] % 0).dims
+        new = bundle.decoder.input(dec["inputs"]["input_ids"]).dims
+        total = bundle.decoder.input(dec["inputs"]["attention_mask"]).dims
+    except (StopIteration, KeyError, TypeError):
+        raise BundleError("bundle.json: model.decoder.io lacks input_ids, attention_mask or present K/V") from None
+    want = new[1:2] if bundle.kv_cache == "buffer" else total[1:2]
+    if len(present) != 4 or (present[2],) != want:
+        raise BundleError(f"bundle.json: model.decoder.kv_cache is {bundle.kv_cache!r} but the graph's present "
+                          f"K/V length is {present[2:3]}, not {want}")
+
+
 def _tokens(manifest: dict, vocab_size: int) -> Tokens:
     block = manifest["emu3"]["tokens"]
     ids, text = {}, {}
@@ -249,9 +267,12 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
                           f"{', '.join(map(str, SCHEMA_VERSIONS))}); re-export or upgrade emu3-bundle")
     for field, kind in SCHEMA:
         _typed(manifest, field, kind)
-    if manifest["model"]["decoder"]["kv_cache"] not in KV_CACHES:
+    kv_cache = manifest["model"]["decoder"]["kv_cache"]
+    if kv_cache not in KV_CACHES:
         raise BundleError(f"bundle.json: field 'model.decoder.kv_cache' must be one of {KV_CACHES}, "
-                          f"got {manifest['model']['decoder']['kv_cache']!r:.40}")
+                          f"got {kv_cache!r:.40}")
+    if version == 1 and kv_cache != "concat":
+        raise BundleError(f"bundle.json: schema_version 1 has only the concat KV layout, got {kv_cache!r}")
     vocab = manifest["model"]["vocab_size"]
     for name, entry in manifest["files"].items():
         _inside(root, name, "files key")
@@ -266,6 +287,7 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
         tokenizer_path=_inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
         chat_template_path=_inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
     )
+    _check_kv_layout(bundle)
     for p in (bundle.decoder.path, bundle.vq_encoder.path, bundle.vq_decoder.path, bundle.tokenizer_path):
         if p.name not in manifest["files"]:
             raise BundleError(f"bundle.json: {p.name} is used but not listed under 'files'")

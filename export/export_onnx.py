@@ -126,8 +126,21 @@ def _rename_and_check_dims(path: Path, spec: GraphSpec) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in renames:
                 d.dim_param = renames[d.dim_param]
+    _drop_stack_traces(g)
     onnx.save(model, str(path), save_as_external_data=False) if not _has_external(model) else \
         onnx.save(model, str(path))
+
+
+def _drop_stack_traces(graph) -> None:
+    """Remove the exporter's per-node Python stack traces: they hold the exporting machine's file paths (and
+    make the file's hash depend on where the export ran). Module scopes and names stay for profiling."""
+    for node in graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                _drop_stack_traces(sub)
 
 
 def _has_external(model) -> bool:

@@ -132,7 +132,7 @@ class DecoderStepBuffered(DecoderStep):
         tm = self.text_model
         hidden = tm.embed_tokens(input_ids)                                  # (B, S, E)
         cos, sin = tm.rotary_emb(hidden, position_ids=position_ids)
-        bias_past, bias_new = self._biases(attention_mask, input_ids.shape[1], hidden.dtype)
+        bias_past, bias_new = self._biases(attention_mask, input_ids.shape[1])
         present = []
         for i, layer in enumerate(tm.layers[: self.num_layers]):
             attn = layer.self_attn
@@ -150,14 +150,19 @@ class DecoderStepBuffered(DecoderStep):
         return (self.lm_head(hidden[:, -1]).float(), *present)
 
     @staticmethod
-    def _biases(mask, s: int, dtype):
-        """Additive biases: over the buffer (B, 1, 1, 1, C) and causal over the new tokens (B, 1, 1, S, S)."""
-        low = torch.finfo(dtype).min
+    def _biases(mask, s: int):
+        """Additive float32 biases: over the buffer (B, 1, 1, 1, C) and causal over the new tokens (B, 1, 1, S, S).
+
+        float32 whatever the model dtype: in fp16, finfo.min plus a score below -16 overflows to -inf, and a
+        query row whose keys are all masked (a left-pad token) would turn into NaN, which then reaches the real
+        rows through the pad slots' K/V in the next layer. Added to float32 scores, the masked row stays finite.
+        """
+        low = torch.finfo(torch.float32).min
         keep = mask.bool()
         c = mask.shape[1] - s
         causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
         new = keep[:, None, c:] & causal                                     # (B, S, S)
-        zero = torch.zeros((), dtype=dtype)
+        zero = torch.zeros((), dtype=torch.float32)
         bias_past = torch.where(keep[:, :c], zero, low)[:, None, None, None, :]
         bias_new = torch.where(new, zero, low)[:, None, None]
         return bias_past, bias_new
@@ -171,10 +176,11 @@ class DecoderStepBuffered(DecoderStep):
         kv = k.shape[1]
         g = h // kv
         qg = q.reshape(b, kv, g * s, d)
-        scores_past = torch.matmul(qg, past_k.transpose(2, 3)).view(b, kv, g, s, -1) * scaling + bias_past
-        scores_new = torch.matmul(qg, k.transpose(2, 3)).view(b, kv, g, s, s) * scaling + bias_new
+        # scores in the model dtype, masked and normalized in float32 (see _biases)
+        scores_past = torch.matmul(qg, past_k.transpose(2, 3)).view(b, kv, g, s, -1).float() * scaling + bias_past
+        scores_new = torch.matmul(qg, k.transpose(2, 3)).view(b, kv, g, s, s).float() * scaling + bias_new
         c = past_k.shape[2]
-        probs = torch.softmax(torch.cat([scores_past, scores_new], dim=-1).float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(torch.cat([scores_past, scores_new], dim=-1), dim=-1).to(q.dtype)
         p_past, p_new = probs[..., :c], probs[..., c:]
         out = torch.matmul(p_past.reshape(b, kv, g * s, c), past_v) + torch.matmul(p_new.reshape(b, kv, g * s, s), v)
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)

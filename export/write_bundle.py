@@ -13,7 +13,7 @@ from emu3_rt.bundle import sha256_file
 
 from .export_onnx import GraphSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # emu3_rt.bundle.SCHEMA_VERSIONS says what changed
 BUNDLE_FORMAT = "emu3-bundle"
 
 # BAAI's image_generation.py default negative prompt.

@@ -22,7 +22,7 @@ def _edit(root, fn):
 
 def test_checked_in_bundle_hashes_match():
     b = load_bundle(TINY_BUNDLE, verify=True)
-    assert b.manifest["schema_version"] == 1
+    assert b.manifest["schema_version"] == 2
     assert b.decoder.path.name == "decoder_step.onnx" and b.num_layers == 2
     assert b.tokens.eol == b.manifest["emu3"]["tokens"]["eol"]["id"]
     assert len(b.visual_ids) == b.manifest["emu3"]["codebook_size"]
@@ -42,6 +42,29 @@ def test_checked_in_bundle_geometry_matches_graph_io():
 def test_unknown_schema_version(bundle_copy):
     _edit(bundle_copy, lambda m: m.update(schema_version=99))
     with pytest.raises(BundleError, match="unsupported schema_version 99"):
+        load_bundle(bundle_copy)
+
+
+def test_schema_1_bundle_must_be_concat(bundle_copy):
+    """Version 1 predates the buffer layout: an older runtime would misread its presents, so a buffer graph is
+    version 2 only. A version-1 concat bundle still loads."""
+    _edit(bundle_copy, lambda m: m.update(schema_version=1))
+    with pytest.raises(BundleError, match="schema_version 1 has only the concat KV layout"):
+        load_bundle(bundle_copy)
+
+    def as_concat(m):
+        m["model"]["decoder"]["kv_cache"] = "concat"
+        for t in m["model"]["decoder"]["io"]["outputs"][1:]:
+            t["dims"][2] = "total_sequence_length"
+
+    _edit(bundle_copy, as_concat)
+    assert load_bundle(bundle_copy).kv_cache == "concat"
+
+
+def test_kv_layout_must_match_the_graph(bundle_copy):
+    _edit(bundle_copy, lambda m: m["model"]["decoder"].update(kv_cache="concat"))
+    with pytest.raises(BundleError, match="kv_cache is 'concat' but the graph's present K/V length is "
+                                          r"\('sequence_length',\)"):
         load_bundle(bundle_copy)
 
 

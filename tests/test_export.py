@@ -195,6 +195,57 @@ def test_fp16_bundle_verifies_and_runs(checkpoints, tmp_path):
     assert [im.size for im in r.images] == [(64, 64), (72, 56)]
 
 
+def test_checked_in_bundle_is_the_current_export(bundles):
+    """models/emu3-tiny is `--preset tiny --seed 0` exported with the defaults. A fresh export must declare the
+    same manifest and compute the same outputs, so an exporter change cannot leave the checked-in bundle stale.
+    (Outputs, not file hashes: the bytes also depend on the exporter's version.)"""
+    import onnxruntime as ort
+
+    out, manifest, _ = bundles("tiny")
+    checked = json.loads((TINY_BUNDLE / "bundle.json").read_text())
+    def _same(m):
+        return {k: v for k, v in m.items() if k not in ("files", "export")}
+
+    assert _same(checked) == _same(manifest)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, manifest["model"]["vocab_size"], (2, 3))
+    codes = rng.integers(0, manifest["emu3"]["codebook_size"], (2, 3, 5))
+    kv = manifest["model"]["decoder"]
+    past = rng.standard_normal((2, kv["num_key_value_heads"], 4, kv["head_size"]), dtype=np.float32)
+    feeds = {
+        "decoder_step.onnx": {"input_ids": ids, "attention_mask": np.array([[0, 1, 1, 0, 1, 1, 1]] * 2),
+                              "position_ids": np.array([[2, 3, 4]] * 2),
+                              **{f"past_key_values.{i}.{t}": past for i in range(2) for t in ("key", "value")}},
+        "vq_decoder.onnx": {"codes": codes},
+        "vq_encoder.onnx": {"pixel_values": rng.uniform(-1, 1, (2, 3, 24, 40)).astype(np.float32)},
+    }
+    for name, feed in feeds.items():
+        got = [ort.InferenceSession(str(root / name)).run(None, feed) for root in (TINY_BUNDLE, out)]
+        for a, b in zip(*got):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_fp16_buffer_attention_keeps_masked_rows_finite():
+    """A left-pad query (every key masked) with large negative scores and no empty buffer slot (capacity 0):
+    fp16 finfo.min plus the score would overflow to -inf and softmax to NaN, which the next layer spreads to
+    the real rows through the pad's K/V. The masks are applied in float32, so every row stays finite."""
+    import torch
+
+    from export.wrappers import DecoderStepBuffered
+
+    d = 8
+    q = torch.full((1, 2, 2, d), 4.0, dtype=torch.float16)                # (B, H, S, D), 2 heads share 1 KV head
+    k = torch.full((1, 1, 2, d), -4.0, dtype=torch.float16)               # scores -45 for every pair
+    v = torch.randn(1, 1, 2, d).half()
+    empty = torch.zeros(1, 1, 0, d, dtype=torch.float16)
+    mask = torch.tensor([[0, 1]])                                          # (B, C + S): pad, then a real token
+    bias_past, bias_new = DecoderStepBuffered._biases(mask, 2)
+    out = DecoderStepBuffered._attend(q, k, v, empty, empty, bias_past, bias_new, d ** -0.5)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    # the real token attends only to itself
+    torch.testing.assert_close(out[0, 1], v[0, 0, 1].repeat(2), rtol=0, atol=0)
+
+
 def test_bf16_needs_a_gpu_to_verify(checkpoints, tmp_path):
     from export.build import ExportError, ExportOptions, build_bundle
 
