@@ -121,7 +121,9 @@ class DecoderStepBuffered(DecoderStep):
     269 MB per CFG step at 8k context). Here attention is split instead: scores against the buffer and against
     the new keys are concatenated (a (B, H, S, C + S) tensor, not K/V), one softmax, and the two value products
     are summed. The runtime writes the returned rows into its buffer in place. Empty slots carry mask 0 and any
-    finite values: their softmax weight is exactly 0. Layers, norms, rotary embedding and projections are the
+    finite values: their softmax weight is exactly 0. The mask must be C + S wide: the graph reads C from the buffer
+    and S from input_ids and does not check the sum (ONNX would broadcast a width-1 mask); the runtime's KVCache
+    builds both from one capacity. Layers, norms, rotary embedding and projections are the
     checkpoint's own modules; only attention's cache handling is restated here, and export.verify checks the
     graph against the model's forward.
     """
