@@ -36,6 +36,10 @@ SCHEMA: tuple[tuple[str, Any], ...] = (
     ("model.decoder.filename", _STR), ("model.decoder.dtype", _STR), ("model.decoder.variant", _STR),
     ("model.decoder.num_hidden_layers", _INT), ("model.decoder.num_key_value_heads", _INT),
     ("model.decoder.head_size", _INT), ("model.decoder.io", _DICT), ("model.decoder.kv_cache", _STR),
+    ("model.decoder.inputs.input_ids", _STR), ("model.decoder.inputs.attention_mask", _STR),
+    ("model.decoder.inputs.position_ids", _STR), ("model.decoder.inputs.past_key_names", _STR),
+    ("model.decoder.inputs.past_value_names", _STR), ("model.decoder.outputs.present_key_names", _STR),
+    ("model.decoder.outputs.present_value_names", _STR),
     ("model.vq_encoder.filename", _STR), ("model.vq_encoder.io", _DICT),
     ("model.vq_decoder.filename", _STR), ("model.vq_decoder.io", _DICT),
     ("emu3.tokens", _DICT), ("emu3.codebook_size", _INT), ("emu3.visual_token_runs", _LIST),
@@ -192,7 +196,7 @@ def _check_kv_layout(bundle: Bundle) -> None:
         present = bundle.decoder.output(dec["outputs"]["present_key_names"] % 0).dims
         new = bundle.decoder.input(dec["inputs"]["input_ids"]).dims
         total = bundle.decoder.input(dec["inputs"]["attention_mask"]).dims
-    except (StopIteration, KeyError, TypeError):
+    except (StopIteration, TypeError):  # a name not in io, or a per-layer pattern without its %d
         raise BundleError("bundle.json: model.decoder.io lacks input_ids, attention_mask or present K/V") from None
     want = new[1:2] if bundle.kv_cache == "buffer" else total[1:2]
     if len(present) != 4 or (present[2],) != want:

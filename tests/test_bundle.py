@@ -68,7 +68,8 @@ def test_kv_layout_must_match_the_graph(bundle_copy):
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("path", ["model.decoder.filename", "emu3.tokens", "search.top_k", "files"])
+@pytest.mark.parametrize("path", ["model.decoder.filename", "model.decoder.outputs.present_key_names", "emu3.tokens",
+                                  "search.top_k", "files"])
 def test_missing_field_is_named(bundle_copy, path):
     def drop(m):
         *parents, leaf = path.split(".")
