@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -40,6 +42,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    value = int(text)
+    limit = max(64, 4 * (os.cpu_count() or 1))
+    if not 0 <= value <= limit:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {limit}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = _Parser(prog="emu3-rt", description=__doc__.splitlines()[0], formatter_class=fmt)
@@ -52,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="onnxruntime execution provider (tensorrt: ORT's TensorRT EP)")
     g.add_argument("--device-id", type=int, default=0, help="GPU ordinal")
-    g.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    g.add_argument("--threads", type=_threads, default=0, help="intra-op threads (0: onnxruntime's default)")
     g.add_argument("--verify", action="store_true", help="check every bundle file's sha256 before loading")
     s = common.add_argument_group("sampling")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling options)")
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None, help="default: the bundle's (2048)")
     s.add_argument("--top-p", type=float, default=None, help="default: the bundle's (1.0)")
     s.add_argument("--seed", type=int, default=None, help="random seed (printed on stderr when not given)")
+    s.add_argument("--allow-special-tokens", action="store_true",
+                   help="read special-token strings typed in prompts as control tokens (Transformers' behaviour); "
+                        "by default they are literal text")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -137,41 +150,86 @@ def run_chat(args, model) -> dict:
         result = model.chat(prompts, images if len(prompts) > 1 else images[0], system=args.system,
                             raw=args.raw_prompt, max_new_tokens=max_new, sampling=sampling, seed=args.seed,
                             on_token=lambda step, ids: bar.update(1),
-                            on_text=(lambda row, delta: print(delta, end="", flush=True)) if stream else None)
+                            on_text=(lambda row, delta: _write_stdout(delta)) if stream else None,
+                            allow_special_tokens=args.allow_special_tokens)
     if stream:
-        print()
+        _write_stdout("\n")
     return {"text": result.texts, "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed,
             "streamed": stream}
 
 
 def run_generate_image(args, model) -> dict:
-    from .png import output_paths, remove_quietly, save_png
+    from .output import ImageOutputs
     from .prompt import calculate_generate_size
 
     prompts, _ = _prompts_and_images(args.items)
     sampling = _sampling(args, model.bundle)
-    paths = output_paths(args.output, len(prompts))
     area = args.image_area or model.bundle.search["image_area"]
     grids = [calculate_generate_size(r, area, model.bundle.spatial_factor)
              for r in (args.ratio or [model.bundle.search["ratio"]])]
-    partial = [p.with_name(p.stem + ".partial.png") for p in paths]
-    try:
-        with _progress(max(h * (w + 1) + 3 for h, w in grids), args.quiet) as bar:
-            result = model.generate_image(
-                prompts, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, ratio=args.ratio,
-                image_area=args.image_area, sampling=sampling, seed=args.seed,
-                on_token=lambda step, ids: bar.update(1), preview_every=args.preview_every,
-                on_preview=lambda row, rows, im: save_png(im, partial[row], {"partial_rows": rows}))
-        for i, (path, image) in enumerate(zip(paths, result.images)):
-            save_png(image, path, {
-                "prompt": prompts[i], "negative_prompt": result.negative_prompt, "cfg_scale": result.cfg_scale,
-                "seed": result.seed, "grid": list(result.grids[i]), "sampling": dataclasses.asdict(sampling),
-                "bundle_sha256": model.bundle.sha256, "emu3_rt": __version__})
-    finally:
-        for p in partial:
-            remove_quietly(p)
+    # every output path is checked before the first step; previews this run writes are removed on any exit
+    with ImageOutputs(args.output, len(prompts), previews=args.preview_every > 0) as out, \
+            _progress(max(h * (w + 1) + 3 for h, w in grids), args.quiet) as bar:
+        result = model.generate_image(
+            prompts, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, ratio=args.ratio,
+            image_area=args.image_area, sampling=sampling, seed=args.seed,
+            on_token=lambda step, ids: bar.update(1), preview_every=args.preview_every,
+            on_preview=lambda row, rows, im: out.preview(row, im, rows),
+            allow_special_tokens=args.allow_special_tokens)
+        paths = out.commit(result.images, [{
+            "prompt": prompts[i], "negative_prompt": result.negative_prompt, "cfg_scale": result.cfg_scale,
+            "seed": result.seed, "grid": list(result.grids[i]), "sampling": dataclasses.asdict(sampling),
+            "bundle_sha256": model.bundle.sha256, "emu3_rt": __version__} for i in range(len(prompts))])
     return {"images": [str(p) for p in paths], "grid": [list(g) for g in result.grids],
             "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed}
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every cleanup (previews, temp files) still runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _trap_signals():
+    """Turn SIGTERM/SIGHUP into _Terminated while main() runs; returns a function that restores the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def raise_terminated(signum, frame):
+        raise _Terminated(signum)
+
+    wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in wanted}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def _write_stdout(text: str) -> None:
+    """Write the result; a closed or full stdout becomes one error line instead of a traceback."""
+    if sys.stdout is None:  # started with fd 1 closed
+        raise OSError("cannot write the result to stdout (it is closed)")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        # the interpreter flushes stdout again at exit: point it at /dev/null so that flush cannot fail too
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise OSError(f"cannot write the result to stdout ({e.strerror or e})") from None
+
+
+def _print_result(args, out: dict) -> None:
+    if args.json:
+        out.pop("streamed", None)
+        _write_stdout(json.dumps(out, ensure_ascii=False) + "\n")
+    elif args.command == "chat":
+        if not out["streamed"]:
+            _write_stdout("\n".join(out["text"]) + "\n")
+    else:
+        _write_stdout("\n".join(out["images"]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors (already printed as one line), --help, --version
         return int(e.code or 0)
+    restore_signals = _trap_signals()
     try:
         _check_utf8(argv)
         from .pipeline import load
@@ -187,23 +246,23 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
                      device_id=args.device_id)
         out = run_chat(args, model) if args.command == "chat" else run_generate_image(args, model)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the CLI owns the one-line error contract
+        if args.seed is None and out["seed"] is not None:
+            print(f"seed: {out['seed']}", file=sys.stderr)
+        _print_result(args, out)
+    except KeyboardInterrupt:
+        print("emu3-rt: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated as e:
+        print(f"emu3-rt: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
+    except Exception as e:  # noqa: BLE001 - the CLI owns the one-line error contract
         if args.verbose:
             traceback.print_exc()
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"emu3-rt: error: {message}", file=sys.stderr)
         return 2
-    if args.seed is None and out["seed"] is not None:
-        print(f"seed: {out['seed']}", file=sys.stderr)
-    if args.json:
-        out.pop("streamed", None)
-        print(json.dumps(out, ensure_ascii=False))
-    elif args.command == "chat":
-        if not out["streamed"]:
-            print("\n".join(out["text"]))
-    else:
-        print("\n".join(out["images"]))
-    sys.stdout.flush()
+    finally:
+        restore_signals()
     return 0
 
 

@@ -8,8 +8,11 @@ generate_image:  prompt ids (+ negative prompt ids under CFG) -> generate with t
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from . import image as imaging
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, BundleError, load_bundle
 from .engines import Engine, OrtEngine, OrtOptions
+from .engines.ort import check_threads
 from .generate import LoopOptions, generate
 from .kv_cache import KVCache
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
@@ -34,6 +38,112 @@ class GenerationError(RuntimeError):
     """Generation finished but its output is not what the model must produce (e.g. a broken image grid)."""
 
 
+# ---- argument checks at the API boundary: one TypeError / ValueError line naming the argument ----
+# Nothing is coerced from another kind (b"x" never becomes "b'x'", 2.5 never becomes 2); numpy scalars are
+# accepted and turned into Python ints and floats, so options stay JSON-serialisable for the PNG metadata.
+
+def _kind(value) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_kind(value)}")
+    value = int(value)
+    if hi is not None and not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {_kind(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past float range (10**400)
+        raise ValueError(f"{name} is out of float range") from None
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {_kind(value)}")
+    return bool(value)
+
+
+def _text(name: str, value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be str or None, got {_kind(value)}")
+    return value
+
+
+def _texts(name: str, value) -> list[str]:
+    """str, or a sequence (list, tuple) of str -> list[str]."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{name} must be str or a sequence of str, got {_kind(value)}")
+    for x in value:
+        if not isinstance(x, str):
+            raise TypeError(f"{name} must be str or a sequence of str, got a {_kind(value)} holding {_kind(x)}")
+    return list(value)
+
+
+def _callback(name: str, value):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {_kind(value)}")
+    return value
+
+
+def _seed(value) -> int | None:
+    # 32 bits: what _seeded draws, the CLI prints and the PNG metadata records
+    return None if value is None else _int("seed", value, 0, 2**32 - 1)
+
+
+def _prompts(value) -> list[str]:
+    prompts = _texts("prompts", value)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise PromptError("the prompt is empty")
+    return prompts
+
+
+def _image_like(value) -> bool:
+    return isinstance(value, (Image.Image, str, os.PathLike))
+
+
+def _image_lists(images, n: int) -> list[list]:
+    """`images` of chat -> one list per prompt of PIL images or paths (str / os.PathLike), types checked only.
+
+    One prompt: None, one image or path, or a sequence of them. A batch: None, or one entry per prompt, each
+    None, one image or path, or a sequence of them.
+    """
+    def one(x) -> list:
+        if x is None:
+            return []
+        if _image_like(x):
+            return [x]
+        if not isinstance(x, Sequence) or isinstance(x, (bytes, bytearray)):
+            raise TypeError(f"images must be a PIL image, a file path or a sequence of them, got {_kind(x)}")
+        for im in x:
+            if not _image_like(im):
+                raise TypeError(f"images must hold PIL images or file paths (str, os.PathLike), got {_kind(im)}")
+        return list(x)
+
+    if n == 1 or images is None:
+        return [one(images)] + [[] for _ in range(n - 1)]
+    if _image_like(images) or not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
+        raise TypeError(f"images for {n} prompts must be a sequence with one entry per prompt, got {_kind(images)}")
+    if len(images) != n:
+        raise PromptError(f"{n} prompts but {len(images)} image lists")
+    return [one(x) for x in images]
+
+
+def _open_image(x) -> Image.Image:
+    return x if isinstance(x, Image.Image) else imaging.load_image(x)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     # argmax decoding; when False, temperature -> top-k -> top-p -> a seeded multinomial draw
@@ -42,6 +152,13 @@ class SamplingOptions:
     # candidates kept per step (Emu3's reference: 2048)
     top_k: int = 2048
     top_p: float = 1.0
+
+    def __post_init__(self):
+        # types here; ranges in validate(), which checks them only when sampling
+        object.__setattr__(self, "greedy", _flag("greedy", self.greedy))
+        object.__setattr__(self, "temperature", _real("temperature", self.temperature))
+        object.__setattr__(self, "top_k", _int("top_k", self.top_k))
+        object.__setattr__(self, "top_p", _real("top_p", self.top_p))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **overrides) -> SamplingOptions:
@@ -80,6 +197,15 @@ class ImageResult:
     cfg_scale: float
 
 
+def _sampling(value, bundle: Bundle) -> SamplingOptions:
+    if value is None:
+        value = SamplingOptions.from_bundle(bundle)
+    elif not isinstance(value, SamplingOptions):
+        raise TypeError(f"sampling must be a SamplingOptions or None, got {_kind(value)}")
+    value.validate()
+    return value
+
+
 def _seeded(options: SamplingOptions, seed: int | None):
     """The selector and the seed actually used (None for greedy decoding)."""
     if options.greedy:
@@ -100,15 +226,33 @@ class Emu3:
         self.bundle = bundle
         self.engines = engines
         # prompt tokens per prefill call (the bundle's default: 512)
-        self.prefill_chunk = prefill_chunk or bundle.search["prefill_chunk"]
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        chunk = bundle.search["prefill_chunk"] if prefill_chunk is None else prefill_chunk
+        self.prefill_chunk = _int("prefill_chunk", chunk, 1)
         self.prompts = PromptEncoder(bundle)
-        self.image_config = imaging.ImageConfig.from_manifest(bundle.manifest["image_processor"])
+        try:
+            self.image_config = imaging.ImageConfig.from_manifest(bundle.manifest["image_processor"])
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"image_processor: {e}") from None
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id of the call holding the lock (to refuse re-entry)
         # id -> code table for decoding generated images (-1 for non-visual ids)
         self._id_to_code = np.full(bundle.vocab_size, -1, dtype=np.int64)
         self._id_to_code[bundle.visual_ids] = np.arange(len(bundle.visual_ids))
+
+    @contextmanager
+    def _exclusive(self, method: str):
+        """Hold the model's lock for one call. Other threads wait; the calling thread re-entering (from one of
+        its own callbacks) would wait for itself forever, so that raises instead."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(f"Emu3.{method} called from inside its own callback (on_token/on_text/on_preview); "
+                               f"one call runs at a time: make the call after this one returns")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _column(self, ids):
         """Token ids -> logits columns: identity for a full head, positions in logit_ids for a visual head."""
@@ -155,37 +299,32 @@ class Emu3:
     def chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
              raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
              seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
-             on_text: Callable[[int, str], None] | None = None) -> ChatResult:
+             on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False) -> ChatResult:
         """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
 
         raw=False renders the bundle's chat template (system, then USER: images + text, then ASSISTANT:);
         raw=True uses the text as is, with one `<image>` placeholder per image. on_text(row, delta) streams text.
+        Special-token strings typed in prompts or the system message stay literal text (`<image>` excepted);
+        allow_special_tokens=True turns them into control ids, as Transformers' processor does.
         """
-        prompts = _as_list(prompts)
-        if not prompts or any(not p.strip() for p in prompts):
-            raise PromptError("the prompt is empty")
+        prompts = _prompts(prompts)
+        per_prompt = _image_lists(images, len(prompts))
+        system, raw = _text("system", system), _flag("raw", raw)
+        allow_special_tokens = _flag("allow_special_tokens", allow_special_tokens)
+        sampling, seed = _sampling(sampling, self.bundle), _seed(seed)
+        on_token, on_text = _callback("on_token", on_token), _callback("on_text", on_text)
+        max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        max_new = _int("max_new_tokens", max_new, 1)
         if self.bundle.logit_ids is not None:
             raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
-        if len(prompts) == 1:
-            per_prompt = [list(images or [])]
-        else:
-            per_prompt = [list(x or []) for x in (images or [[]] * len(prompts))]
-        if len(per_prompt) != len(prompts):
-            raise PromptError(f"{len(prompts)} prompts but {len(per_prompt)} image lists")
-        sampling = sampling or SamplingOptions.from_bundle(self.bundle)
-        sampling.validate()
-        max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        with self._lock:
+        per_prompt = [[_open_image(x) for x in ims] for ims in per_prompt]  # paths -> images, after cheap checks
+        with self._exclusive("chat"):
             codes = self.encode_images([im for ims in per_prompt for im in ims])
             ids, k = [], 0
             for text, ims in zip(prompts, per_prompt):
-                if not raw:
-                    content = [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]
-                    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
-                    text = self.prompts.render_chat(messages + [{"role": "user", "content": content}])
-                ids.append(self.prompts.encode_chat(text, codes[k: k + len(ims)]))
+                prompt = self.prompts.chat_fragments(text, len(ims), system=system, raw=raw,
+                                                     allow_special_tokens=allow_special_tokens)
+                ids.append(self.prompts.encode_chat(prompt, codes[k: k + len(ims)], allow_special_tokens))
                 k += len(ims)
             longest = max(map(len, ids))
             room = self.bundle.context_length - longest
@@ -216,17 +355,25 @@ class Emu3:
                        image_area: int | None = None, sampling: SamplingOptions | None = None,
                        seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
                        on_preview: Callable[[int, int, Image.Image], None] | None = None,
-                       preview_every: int = 0) -> ImageResult:
+                       preview_every: int = 0, allow_special_tokens: bool = False) -> ImageResult:
         """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
 
         ratio is "W:H" (one for all prompts, or one per prompt); image_area is in pixels. on_preview(row,
         rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
+        Special-token strings in the prompts stay literal text unless allow_special_tokens=True (Transformers' way).
         """
-        prompts = _as_list(prompts)
-        if not prompts or any(not p.strip() for p in prompts):
-            raise PromptError("the prompt is empty")
+        prompts = _prompts(prompts)
+        negative_prompt = _text("negative_prompt", negative_prompt)
+        cfg_scale = None if cfg_scale is None else _real("cfg_scale", cfg_scale)
+        if ratio is not None and not _texts("ratio", ratio):
+            raise ValueError("ratio must be a \"W:H\" string or a non-empty sequence of them, got an empty one")
+        image_area = None if image_area is None else _int("image_area", image_area, 1)
+        sampling, seed = _sampling(sampling, self.bundle), _seed(seed)
+        on_token, on_preview = _callback("on_token", on_token), _callback("on_preview", on_preview)
+        preview_every = _int("preview_every", preview_every, 0)
+        allow_special_tokens = _flag("allow_special_tokens", allow_special_tokens)
         s = self.bundle.search
-        cfg = s["cfg_scale"] if cfg_scale is None else float(cfg_scale)
+        cfg = s["cfg_scale"] if cfg_scale is None else cfg_scale
         if not (math.isfinite(cfg) and cfg >= 0):
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale}")
         ratios = _as_list(ratio or s["ratio"])
@@ -242,13 +389,12 @@ class Emu3:
             # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
             raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
                               f"needs at least 3 tokens per row (raise --image-area or change --ratio)")
-        sampling = sampling or SamplingOptions.from_bundle(self.bundle)
-        sampling.validate()
         use_cfg = cfg != 1.0  # Transformers only builds the CFG processor for a scale != 1
         negative = (negative_prompt if negative_prompt is not None else s["negative_prompt"]) if use_cfg else None
 
-        cond = [self.prompts.encode_image_prompt(p, h, w) for p, (h, w) in zip(prompts, grids)]
-        uncond = [self.prompts.encode_image_prompt(negative, h, w) for h, w in grids] if use_cfg else None
+        encode = lambda text, h, w: self.prompts.encode_image_prompt(text, h, w, allow_special_tokens)  # noqa: E731
+        cond = [encode(p, h, w) for p, (h, w) in zip(prompts, grids)]
+        uncond = [encode(negative, h, w) for h, w in grids] if use_cfg else None
         need = max(len(c) + h * (w + 1) + 3 for c, (h, w) in zip(cond + (uncond or []), grids * 2))
         if need > self.bundle.context_length:
             raise PromptError(f"prompt plus a {grids[0][0]}x{grids[0][1]} image needs {need} positions; the "
@@ -260,7 +406,7 @@ class Emu3:
             heights=np.array([h for h, _ in grids]), widths=np.array([w for _, w in grids]),
             visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
             eos=col(t.eos), pad=col(t.pad), vocab_size=self.bundle.decoder.output("logits").dims[1])
-        with self._lock:
+        with self._exclusive("generate_image"):
             select, seed = _seeded(sampling, seed)
             chain = build_chain(cfg_scale=cfg, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                                 top_p=sampling.top_p, greedy=sampling.greedy)
@@ -352,15 +498,24 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     engine "trt": the bundle's own TensorRT plans (built by `python -m export.build_trt`), checked before use.
     Graph sessions are created lazily on first use; verify=True hashes every file first (about 1 s per GB).
     """
-    bundle = load_bundle(bundle_dir or DEFAULT_BUNDLE, verify=verify)
+    # every argument is checked before the bundle is read
+    if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):
+        raise TypeError(f"bundle_dir must be a path (str or os.PathLike) or None, got {_kind(bundle_dir)}")
+    for name, value in (("engine", engine), ("device", device)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be str, got {_kind(value)}")
+    if engine not in ("ort", "trt"):
+        raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
+    threads, verify = check_threads(threads), _flag("verify", verify)
+    device_id = _int("device_id", device_id, 0)
+    prefill_chunk = None if prefill_chunk is None else _int("prefill_chunk", prefill_chunk, 1)
+    bundle = load_bundle(DEFAULT_BUNDLE if bundle_dir is None else bundle_dir, verify=verify)
     keys = ("decoder", "vq_encoder", "vq_decoder")
     if engine == "ort":
         opts = OrtOptions(device=device, threads=threads, device_id=device_id)
         engines = {key: OrtEngine(getattr(bundle, key), opts) for key in keys}
-    elif engine == "trt":
+    else:
         from .engines.trt import TrtEngine, plan_for
 
         engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
-    else:
-        raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
     return Emu3(bundle, engines, prefill_chunk)

@@ -9,6 +9,8 @@ Batches are left-padded; `Batch` carries ids, mask and position ids (R, L) for t
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,6 +19,8 @@ import numpy as np
 from .bundle import Bundle
 
 IMAGE_PLACEHOLDER = "<image>"
+# (text, from_user): a prompt in pieces, so special-token strings the user typed can be kept literal
+Fragment = tuple[str, bool]
 
 
 class PromptError(ValueError):
@@ -122,11 +126,59 @@ class PromptEncoder:
         self.tokens = bundle.tokens
         self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
         self._template = None
+        self._specials: frozenset[int] | None = None
+        self._literal_tokenizer = None
 
     # text
 
     def encode_text(self, text: str) -> list[int]:
+        """Trusted text (our own control strings included): special-token strings become their ids."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_fragments(self, fragments: list[Fragment], allow_special_tokens: bool = False) -> list[int]:
+        """Ids of the concatenated fragments; a special-token string typed by the user stays literal text.
+
+        The whole string is tokenized at once (Transformers' ids whenever the user typed no special string). A
+        special token whose characters overlap user text is forged: then the string is re-tokenized with only the
+        trusted specials as split points and every run between them encoded as plain text. `<image>` never
+        reaches this point inside user text: it is the documented placeholder and was expanded before.
+        """
+        text = "".join(t for t, _ in fragments)
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        if allow_special_tokens:
+            return enc.ids
+        user, at = [], 0
+        for t, from_user in fragments:
+            if from_user and t:
+                user.append((at, at + len(t)))
+            at += len(t)
+        special = self._special_ids()
+        forged = lambda a, b: any(a < ue and us < b for us, ue in user)  # noqa: E731 - span overlap test
+        trusted = [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i in special and not forged(a, b)]
+        if len(trusted) == sum(i in special for i in enc.ids):
+            return enc.ids
+        ids, at = [], 0
+        for i, a, b in trusted + [(None, len(text), len(text))]:
+            if a > at:
+                ids += self._literal().encode(text[at:a], add_special_tokens=False).ids
+            if i is not None:
+                ids.append(i)
+            at = b
+        return ids
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._specials is None:
+            self._specials = frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+        return self._specials
+
+    def _literal(self):
+        """A second tokenizer that reads special-token strings as ordinary text (built on first forged prompt)."""
+        if self._literal_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._literal_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+            self._literal_tokenizer.encode_special_tokens = True
+        return self._literal_tokenizer
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -152,19 +204,51 @@ class PromptEncoder:
         grid[:, w] = self.tokens.eol
         return grid.reshape(-1).tolist()
 
-    def encode_chat(self, text: str, image_codes: list[np.ndarray]) -> list[int]:
-        """BOS + text with each `<image>` expanded, placeholders filled with the images' codes, in order."""
-        n = text.count(IMAGE_PLACEHOLDER)
+    def chat_fragments(self, text: str, n_images: int, *, system: str | None = None, raw: bool = False,
+                       allow_special_tokens: bool = False) -> list[Fragment]:
+        """A chat prompt as (text, from_user) fragments: the bundle's template (system, USER: images + text,
+        ASSISTANT:) rendered around the user's text, or with raw=True the user's text as is (`<image>` marks images).
+
+        The template is rendered with sentinels in place of the user's strings, so we know which characters the
+        user typed; a template that transforms message text cannot be tracked and is refused.
+        """
+        if raw:
+            return [(text, True)]
+        if allow_special_tokens:  # Transformers' behaviour: the rendered string is tokenized as a whole
+            return [(self.render_chat(_chat_messages(text, n_images, system)), False)]
+        nonce = secrets.token_hex(8)
+        user = {f"\ue000{nonce}:{k}\ue001": value for k, value in enumerate([text, system])}
+        marks = list(user)
+        rendered = self.render_chat(_chat_messages(marks[0], n_images, marks[1] if system else None))
+        pieces = re.split(f"(\ue000{nonce}:\\d+\ue001)", rendered)
+        fragments = [(user[p], True) if p in user else (p, False) for p in pieces if p]
+        seen = [p for p in pieces if p in user]
+        if sorted(seen) != sorted(marks[: 1 + bool(system)]) or any("\ue000" in t for t, u in fragments if not u):
+            raise PromptError("the bundle's chat template rewrites the message text, so user text cannot be kept "
+                              "literal; pass allow_special_tokens=True (--allow-special-tokens) or a raw prompt")
+        return fragments
+
+    def encode_chat(self, prompt: str | list[Fragment], image_codes: list[np.ndarray],
+                    allow_special_tokens: bool = False) -> list[int]:
+        """BOS + the prompt with each `<image>` expanded, placeholders filled with the images' codes, in order.
+
+        `prompt`: fragments from `chat_fragments`, or a str taken as user text (a raw prompt).
+        """
+        fragments = [(prompt, True)] if isinstance(prompt, str) else prompt
+        n = sum(t.count(IMAGE_PLACEHOLDER) for t, _ in fragments)
         if n != len(image_codes):
             raise PromptError(f"the prompt has {n} <image> placeholder(s) but {len(image_codes)} image(s) were given")
         t = self.tokens.text
-        parts = text.split(IMAGE_PLACEHOLDER)
-        expanded = parts[0]
-        for codes, rest in zip(image_codes, parts[1:]):
-            h, w = codes.shape
-            expanded += (f"{t['boi']}{h}*{w}{t['image_wrapper']}" + IMAGE_PLACEHOLDER * (h * (w + 1))
-                         + f"{t['eof']}{t['eoi']}" + rest)
-        ids = np.asarray(self.encode_text(t["bos"] + expanded), dtype=np.int64)
+        expanded: list[Fragment] = [(t["bos"], False)]
+        blocks = iter(image_codes)
+        for text, from_user in fragments:
+            parts = text.split(IMAGE_PLACEHOLDER)
+            expanded.append((parts[0], from_user))
+            for rest in parts[1:]:
+                h, w = next(blocks).shape
+                expanded += [(f"{t['boi']}{h}*{w}{t['image_wrapper']}" + IMAGE_PLACEHOLDER * (h * (w + 1))
+                              + f"{t['eof']}{t['eoi']}", False), (rest, from_user)]
+        ids = np.asarray(self.encode_fragments(expanded, allow_special_tokens), dtype=np.int64)
         slots = np.flatnonzero(ids == self.tokens.image)
         fill = [i for codes in image_codes for i in self.image_block(codes)]
         if len(slots) != len(fill):
@@ -173,7 +257,15 @@ class PromptEncoder:
         ids[slots] = fill
         return ids.tolist()
 
-    def encode_image_prompt(self, text: str, h: int, w: int) -> list[int]:
+    def encode_image_prompt(self, text: str, h: int, w: int, allow_special_tokens: bool = False) -> list[int]:
         """Text-to-image prompt: BOS + text + BOI "h*w" IMG (Emu3Processor, return_for_image_generation)."""
         t = self.tokens.text
-        return self.encode_text(f"{t['bos']}{text}{t['boi']}{h}*{w}{t['image_wrapper']}")
+        fragments = [(t["bos"], False), (text, True), (f"{t['boi']}{h}*{w}{t['image_wrapper']}", False)]
+        return self.encode_fragments(fragments, allow_special_tokens)
+
+
+def _chat_messages(text: str, n_images: int, system: str | None) -> list[dict]:
+    """One user turn (images first, then the text), after an optional system message, as Transformers' processor."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return messages + [{"role": "user", "content": content}]

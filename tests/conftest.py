@@ -6,6 +6,8 @@ carry the `export` marker, because building needs torch + transformers (the `exp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -63,3 +65,11 @@ def bundle_copy(tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(TINY_BUNDLE, dst)
     return dst
+
+
+def refresh_hash(root: Path, name: str) -> None:
+    """Re-record a bundle file's size and sha256 after a test edits it, so only the check under test can object."""
+    m = json.loads((root / "bundle.json").read_text())
+    data = (root / name).read_bytes()
+    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (root / "bundle.json").write_text(json.dumps(m))

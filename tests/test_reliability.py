@@ -3,7 +3,6 @@ mid-generation, broken image grids, prompts that cannot fit. Each gives one clea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -16,23 +15,15 @@ from emu3_rt.engines import EngineError
 from emu3_rt.pipeline import GenerationError, SamplingOptions, check_image_tokens
 from emu3_rt.prompt import PromptError
 
-from .conftest import TINY_BUNDLE
+from .conftest import TINY_BUNDLE, refresh_hash
 
 GREEDY = SamplingOptions(greedy=True)
-
-
-def _refresh_hash(root, name):
-    """Re-record a file's hash so that only the graph check (not the sha256 check) can catch the change."""
-    m = json.loads((root / "bundle.json").read_text())
-    data = (root / name).read_bytes()
-    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (root / "bundle.json").write_text(json.dumps(m))
 
 
 def test_truncated_onnx_names_the_file(bundle_copy):
     path = bundle_copy / "decoder_step.onnx"
     path.write_bytes(path.read_bytes()[:5000])
-    _refresh_hash(bundle_copy, "decoder_step.onnx")
+    refresh_hash(bundle_copy, "decoder_step.onnx")
     model = emu3_rt.load(bundle_copy)
     with pytest.raises(EngineError, match=r"decoder_step.onnx: onnxruntime cannot load it"):
         model.chat("hi", sampling=GREEDY, max_new_tokens=2)
@@ -41,7 +32,7 @@ def test_truncated_onnx_names_the_file(bundle_copy):
 def test_graph_that_disagrees_with_manifest(bundle_copy):
     """bundle.json describes vq_encoder.onnx, but the file is the decoder: the I/O check catches it."""
     shutil.copyfile(bundle_copy / "vq_decoder.onnx", bundle_copy / "vq_encoder.onnx")
-    _refresh_hash(bundle_copy, "vq_encoder.onnx")
+    refresh_hash(bundle_copy, "vq_encoder.onnx")
     model = emu3_rt.load(bundle_copy)
     from PIL import Image
 
@@ -156,7 +147,7 @@ def test_image_rejects_zero_area():
 
 def test_bundle_without_chat_template(bundle_copy):
     (bundle_copy / "chat_template.jinja").write_text("")
-    _refresh_hash(bundle_copy, "chat_template.jinja")
+    refresh_hash(bundle_copy, "chat_template.jinja")
     model = emu3_rt.load(bundle_copy, verify=True)
     with pytest.raises(PromptError, match="no chat template"):
         model.chat("hi", sampling=GREEDY, max_new_tokens=2)
