@@ -1,7 +1,8 @@
-"""`emu3-rt` / `python -m emu3_rt`: chat and generate-image on a bundle (default: the embedded tiny bundle).
+"""emu3-rt: chat about images and generate images with an exported Emu3 bundle (no PyTorch).
 
 stdout carries the result (text, image paths, or one JSON object with --json); stderr carries the progress bar,
-the seed when none was given, and errors: one line and exit code 2 (-v shows the traceback).
+the seed when it was drawn at random, a summary line, and errors: one line and exit code 2 (-v shows the
+traceback). Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, removing what the run wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -20,14 +22,29 @@ from . import __version__
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr (exit 2) like every other error."""
+    """argparse with no abbreviations (`--image` is never read as `--image-area`), and usage errors as one line on
+    stderr (exit 2) like every other error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's default appears once: appended unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 class _Ordered(argparse.Action):
-    """Keeps --prompt and --image in command-line order: each image belongs to the prompt before it."""
+    """Keeps --prompt and --image in command-line order (see _prompts_and_images for the rule)."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         items = getattr(namespace, "items", None) or []
@@ -35,67 +52,95 @@ class _Ordered(argparse.Action):
         namespace.items = items
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_in(low: int, high: int | None = None):
+    """An argparse type for whole numbers in [low, high]; its errors name the range, never a Python function."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
 
 
-def _threads(text: str) -> int:
-    value = int(text)
-    limit = max(64, 4 * (os.cpu_count() or 1))
-    if not 0 <= value <= limit:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {limit}, got {value}")
-    return value
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser every command of the project uses (export, benchmarks): its real program name, no
+    abbreviations, one-line usage errors, each option's default shown once."""
+    return _Parser(prog=prog, description=description, formatter_class=_Help)
+
+
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+SEED_MAX = 2**32 - 1   # seeds are 32-bit: what PNG metadata records and numpy's generators take
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = _Parser(prog="emu3-rt", description=__doc__.splitlines()[0], formatter_class=fmt)
+    ap = tool_parser("emu3-rt", __doc__)
     ap.add_argument("--version", action="version", version=f"emu3-rt {__version__}")
     common = _Parser(add_help=False)
     g = common.add_argument_group("bundle / engine")
-    g.add_argument("-m", "--bundle", type=Path, default=None, help="bundle directory (default: the tiny bundle)")
+    g.add_argument("-m", "--bundle", type=Path, default=None,
+                   help="bundle directory (default: the embedded tiny bundle, random weights)")
     g.add_argument("--engine", choices=["ort", "trt"], default="ort",
                    help="onnxruntime, or the bundle's TensorRT plans (python -m export.build_trt)")
     g.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="onnxruntime execution provider (tensorrt: ORT's TensorRT EP)")
-    g.add_argument("--device-id", type=int, default=0, help="GPU ordinal")
-    g.add_argument("--threads", type=_threads, default=0, help="intra-op threads (0: onnxruntime's default)")
-    g.add_argument("--verify", action="store_true", help="check every bundle file's sha256 before loading")
-    s = common.add_argument_group("sampling")
+    g.add_argument("--device-id", type=int_in(0), default=0, help="GPU ordinal (default: 0)")
+    g.add_argument("--threads", type=int_in(0, MAX_THREADS), default=0,
+                   help="intra-op threads (default: 0, onnxruntime's choice)")
+    g.add_argument("--verify", action="store_true",
+                   help="re-hash every bundle file (by default only files changed since their last check are)")
+    s = common.add_argument_group("sampling (defaults: the bundle's search section)")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling options)")
-    s.add_argument("--temperature", type=float, default=None, help="default: the bundle's")
-    s.add_argument("--top-k", type=int, default=None, help="default: the bundle's (2048)")
-    s.add_argument("--top-p", type=float, default=None, help="default: the bundle's (1.0)")
-    s.add_argument("--seed", type=int, default=None, help="random seed (printed on stderr when not given)")
+    s.add_argument("--temperature", type=number, default=None, help="default: the bundle's (usually 1.0)")
+    s.add_argument("--top-k", type=int_in(1), default=None, help="default: the bundle's (usually 2048)")
+    s.add_argument("--top-p", type=number, default=None, help="default: the bundle's (usually 1.0)")
+    s.add_argument("--seed", type=int_in(-1, SEED_MAX), default=None,
+                   help=f"0..{SEED_MAX}; default -1: random, printed on stderr before generation starts")
     s.add_argument("--allow-special-tokens", action="store_true",
                    help="read special-token strings typed in prompts as control tokens (Transformers' behaviour); "
                         "by default they are literal text")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    o.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar, notes, drawn seed or summary line (--json and PNGs still record the seed)")
     o.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    chat = sub.add_parser("chat", parents=[common], formatter_class=fmt, help="answer a prompt about images")
+    chat = sub.add_parser("chat", parents=[common], formatter_class=_Help, help="answer a prompt about images",
+                          description="Answer prompts about images. With one --prompt, every --image belongs to "
+                                      "it; with several, each --image belongs to the --prompt before it.")
     chat.add_argument("--prompt", action=_Ordered, required=True, help="prompt text (repeat for a batch)")
-    chat.add_argument("--image", action=_Ordered, help="image file for the preceding --prompt (repeatable)")
+    chat.add_argument("--image", action=_Ordered, help="image file (repeatable; see above for which prompt)")
     chat.add_argument("--raw-prompt", action="store_true", help="no chat template; <image> marks each image")
     chat.add_argument("--system", default=None, help="system message for the chat template")
-    chat.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: the bundle's")
+    chat.add_argument("--max-new-tokens", type=int_in(1), default=None, help="default: the bundle's")
 
-    gen = sub.add_parser("generate-image", parents=[common], formatter_class=fmt, help="draw images from text")
+    gen = sub.add_parser("generate-image", parents=[common], formatter_class=_Help, help="draw images from text",
+                         description="Draw one image per --prompt.")
     gen.add_argument("--prompt", action=_Ordered, required=True, help="prompt text (repeat for a batch)")
-    gen.add_argument("--negative-prompt", default=None, help="default under CFG: the bundle's")
-    gen.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance; 1 disables it")
-    gen.add_argument("--ratio", action="append", default=None, help="W:H, once or once per prompt (default 1:1)")
-    gen.add_argument("--image-area", type=_positive_int, default=None, help="pixels (default: the bundle's)")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="what to steer away from; needs CFG (default: the bundle's under CFG)")
+    gen.add_argument("--cfg-scale", type=number, default=None,
+                     help="classifier-free guidance; 1 disables it (default: the bundle's, usually 3.0)")
+    gen.add_argument("--ratio", action="append", default=None, help="W:H, once or once per prompt (default: 1:1)")
+    gen.add_argument("--image-area", type=int_in(1), default=None, help="pixels (default: the bundle's)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"),
-                     help="PNG path; several prompts write STEM-0.png, STEM-1.png, ...")
-    gen.add_argument("--preview-every", type=int, default=0, metavar="ROWS",
-                     help="write STEM.partial.png every ROWS grid rows (grey where not generated yet)")
+                     help="image path, .png, .jpg/.jpeg or .webp; several prompts write STEM-0.EXT, STEM-1.EXT, ...")
+    gen.add_argument("--preview-every", type=int_in(0), default=0, metavar="ROWS",
+                     help="write STEM.partial.png every ROWS grid rows, grey where not generated yet (default: 0, "
+                          "off)")
     return ap
 
 
@@ -121,44 +166,43 @@ def _sampling(args, bundle):
                                        top_k=args.top_k, top_p=args.top_p)
 
 
-def _prompts_and_images(items):
-    prompts: list[str] = []
+def _prompts_and_images(items) -> tuple[list[str], list[list[str]]]:
+    """One --prompt: every --image is its own. Several: each --image belongs to the --prompt before it, and an
+    --image before the first --prompt is ambiguous (refused rather than guessed)."""
+    prompts = [value for kind, value in items if kind == "prompt"]
+    if len(prompts) == 1:
+        return prompts, [[value for kind, value in items if kind == "image"]]
+    if items[0][0] == "image":
+        raise ValueError("with several --prompt, each --image goes after the --prompt it belongs to "
+                         f"(--image {items[0][1]} comes before any --prompt)")
     images: list[list[str]] = []
-    pending: list[str] = []  # images given before any prompt belong to the first one
     for kind, value in items:
         if kind == "prompt":
-            prompts.append(value)
-            images.append(pending)
-            pending = []
-        elif prompts:
-            images[-1].append(value)
+            images.append([])
         else:
-            pending.append(value)
+            images[-1].append(value)
     return prompts, images
 
 
-def run_chat(args, model) -> dict:
-    from .image import load_image
-
+def run_chat(args, model, seed: int | None) -> dict:
     prompts, image_paths = _prompts_and_images(args.items)
-    images = [[load_image(p) for p in paths] for paths in image_paths]
     sampling = _sampling(args, model.bundle)
     max_new = args.max_new_tokens or model.bundle.search["max_new_tokens"]
     # one prompt, plain output: stream the answer to stdout as it is generated (the bar would interleave)
     stream = len(prompts) == 1 and not args.json
     with _progress(max_new, args.quiet or stream) as bar:
-        result = model.chat(prompts, images if len(prompts) > 1 else images[0], system=args.system,
-                            raw=args.raw_prompt, max_new_tokens=max_new, sampling=sampling, seed=args.seed,
+        result = model.chat(prompts, image_paths if len(prompts) > 1 else image_paths[0], system=args.system,
+                            raw=args.raw_prompt, max_new_tokens=max_new, sampling=sampling, seed=seed,
                             on_token=lambda step, ids: bar.update(1),
                             on_text=(lambda row, delta: _write_stdout(delta)) if stream else None,
                             allow_special_tokens=args.allow_special_tokens)
     if stream:
         _write_stdout("\n")
     return {"text": result.texts, "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed,
-            "streamed": stream}
+            "seeds": result.seeds, "streamed": stream}
 
 
-def run_generate_image(args, model) -> dict:
+def run_generate_image(args, model, seed: int | None) -> dict:
     from .output import ImageOutputs
     from .prompt import calculate_generate_size
 
@@ -172,16 +216,18 @@ def run_generate_image(args, model) -> dict:
             _progress(max(h * (w + 1) + 3 for h, w in grids), args.quiet) as bar:
         result = model.generate_image(
             prompts, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, ratio=args.ratio,
-            image_area=args.image_area, sampling=sampling, seed=args.seed,
+            image_area=args.image_area, sampling=sampling, seed=seed,
             on_token=lambda step, ids: bar.update(1), preview_every=args.preview_every,
             on_preview=lambda row, rows, im: out.preview(row, im, rows),
             allow_special_tokens=args.allow_special_tokens)
+        # each image records its own seed: `--seed` with that value and its prompt alone reproduces it
         paths = out.commit(result.images, [{
             "prompt": prompts[i], "negative_prompt": result.negative_prompt, "cfg_scale": result.cfg_scale,
-            "seed": result.seed, "grid": list(result.grids[i]), "sampling": dataclasses.asdict(sampling),
-            "bundle_sha256": model.bundle.sha256, "emu3_rt": __version__} for i in range(len(prompts))])
+            "seed": result.seeds[i] if result.seeds else None, "grid": list(result.grids[i]),
+            "sampling": dataclasses.asdict(sampling), "bundle_sha256": model.bundle.sha256, "emu3_rt": __version__,
+        } for i in range(len(prompts))])
     return {"images": [str(p) for p in paths], "grid": [list(g) for g in result.grids],
-            "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed}
+            "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed, "seeds": result.seeds}
 
 
 class _Terminated(BaseException):
@@ -232,23 +278,41 @@ def _print_result(args, out: dict) -> None:
         _write_stdout("\n".join(out["images"]) + "\n")
 
 
+def _note(args, text: str) -> None:
+    if not args.quiet:
+        print(f"emu3-rt: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (already printed as one line), --help, --version
         return int(e.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     restore_signals = _trap_signals()
     try:
         _check_utf8(argv)
-        from .pipeline import load
+        from .pipeline import load, random_seed
 
+        started = time.perf_counter()
         model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
                      device_id=args.device_id)
-        out = run_chat(args, model) if args.command == "chat" else run_generate_image(args, model)
-        if args.seed is None and out["seed"] is not None:
-            print(f"seed: {out['seed']}", file=sys.stderr)
+        if args.bundle is None:
+            _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
+                        "(pass --bundle DIR for a real model)")
+        seed = None if args.greedy else (random_seed() if args.seed in (None, -1) else args.seed)
+        if args.seed in (None, -1) and seed is not None and not args.quiet:
+            print(f"seed: {seed}", file=sys.stderr, flush=True)   # before generating: survives a failure or Ctrl-C
+        out = (run_chat if args.command == "chat" else run_generate_image)(args, model, seed)
+        seconds = time.perf_counter() - started
         _print_result(args, out)
+        n = sum(len(t) for t in out["tokens"])
+        where = f", wrote {', '.join(out['images'])}" if "images" in out else ""
+        _note(args, f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s), seed {seed}{where}")
     except KeyboardInterrupt:
         print("emu3-rt: interrupted", file=sys.stderr)
         return 130

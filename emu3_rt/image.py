@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +21,10 @@ from PIL import Image, UnidentifiedImageError
 
 class ImageError(ValueError):
     """An input image that cannot be used (unreadable, corrupt, a decompression bomb, extreme aspect ratio)."""
+
+
+# the largest image file load_image reads (compressed size; Pillow's pixel limit guards the decoded size)
+MAX_IMAGE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,17 @@ class ImageConfig:
     max_pixels: int = 1024 * 1024
     spatial_factor: int = 8
     resample: str = "bicubic"  # lower-case name of a PIL.Image.Resampling member
+
+    def __post_init__(self):
+        # normalize divides by std in float32 and postprocess by 1/std: a zero std (or an absurd value) would turn
+        # pixels into inf/NaN with numpy warnings, so refuse it here. Real processors: mean in [0, 1], std in (0, 1].
+        if len(self.image_mean) != 3 or not all(math.isfinite(m) and abs(m) <= 1e3 for m in self.image_mean):
+            raise ValueError(f"image_mean must be 3 numbers in [-1000, 1000], got {list(self.image_mean)}")
+        if len(self.image_std) != 3 or not all(math.isfinite(s) and 1e-6 <= abs(s) <= 1e3 for s in self.image_std):
+            raise ValueError(f"image_std must be 3 non-zero numbers with 1e-6 <= |std| <= 1000, got "
+                             f"{list(self.image_std)}")
+        if not (math.isfinite(self.rescale_factor) and 1e-6 <= self.rescale_factor <= 1):
+            raise ValueError(f"rescale_factor must be in [1e-6, 1], got {self.rescale_factor}")
 
     @classmethod
     def from_manifest(cls, d: dict) -> ImageConfig:
@@ -116,8 +132,9 @@ def postprocess(pixels: np.ndarray, cfg: ImageConfig) -> list[Image.Image]:
     scale = 1.0 / cfg.rescale_factor
     out = []
     for chw in pixels:
-        x = ((chw.T - mean) / std).T                                        # (3, H, W); .T puts channels last
-        x = (x.astype(np.float64) * scale).astype(np.float32)               # rescale: upcast, multiply, downcast
+        with np.errstate(over="ignore"):  # a huge decoder value overflows to +-inf, which the clip makes 0 or 255
+            x = ((chw.T - mean) / std).T                                    # (3, H, W); .T puts channels last
+            x = (x.astype(np.float64) * scale).astype(np.float32)           # rescale: upcast, multiply, downcast
         out.append(Image.fromarray(x.clip(0, 255).astype(np.uint8).transpose(1, 2, 0)))  # (H, W, 3)
     return out
 
@@ -127,24 +144,55 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
+def _read_regular_file(path: str | os.PathLike, name: str) -> bytes:
+    """The file's bytes; refused unless a regular file of at most MAX_IMAGE_BYTES (a FIFO or device never blocks)."""
+    try:
+        # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever before fstat can refuse it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e.strerror or _one_line(e)})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(f"{name}: is a directory, not an image")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{name}: not a regular file (a FIFO, socket or device), not an image")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name}: {st.st_size} bytes is over the {MAX_IMAGE_BYTES >> 20} MiB image file limit")
+        # bounded even if the file grows while it is read: at most one byte past the limit
+        chunks, left = [], MAX_IMAGE_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e.strerror or _one_line(e)})") from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise ImageError(f"{name}: over the {MAX_IMAGE_BYTES >> 20} MiB image file limit")
+    return b"".join(chunks)
+
+
+def load_image(source: str | os.PathLike | bytes) -> Image.Image:
     """Read and fully decode an image file (or bytes); every failure is one ImageError line naming the file.
 
+    Only regular files of at most MAX_IMAGE_BYTES are read (a FIFO or /dev/zero is refused, never waited on).
     Pillow's decompression-bomb guard stays on and its warning (over Image.MAX_IMAGE_PIXELS) counts as an error.
     EXIF orientation is not applied, as transformers does not apply it.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
+        name, data = "<bytes>", bytes(source)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES >> 20} MiB image file limit")
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fsdecode(source)
+        data = _read_regular_file(source, name)  # read whole: no file handle stays open behind the image
     else:
-        try:
-            data = Path(source).read_bytes()  # read whole: no file handle stays open behind the image
-        except FileNotFoundError:
-            raise ImageError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"{name}: is a directory, not an image") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read ({e.strerror or _one_line(e)})") from None
+        raise TypeError(f"image source must be a path or bytes, got {type(source).__name__}")
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes), not an image")
     try:

@@ -19,6 +19,8 @@ from PIL.PngImagePlugin import PngInfo
 
 # the text chunk that marks a preview as written by emu3-rt, so a later run may replace it
 PREVIEW_KEY = "emu3_rt_preview"
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IMAGE_DESCRIPTION = 0x010E
 
 
 class OutputError(ValueError):
@@ -26,7 +28,7 @@ class OutputError(ValueError):
 
 
 def output_paths(path: Path, n: int) -> list[Path]:
-    """One path for one image; STEM-0.png, STEM-1.png, ... for several."""
+    """One path for one image; STEM-0.EXT, STEM-1.EXT, ... for several."""
     path = Path(path)
     if n == 1:
         return [path]
@@ -73,8 +75,8 @@ def _is_our_preview(path: Path) -> bool:
         return False
 
 
-def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
-    """Write `image` to `path` atomically, with `metadata` as a JSON "parameters" text chunk plus one chunk a key."""
+def save_image(image: Image.Image, path: Path, metadata: dict) -> None:
+    """Write `image` to `path` atomically, in the format its extension names, with `metadata` (_save_options)."""
     path = Path(path)
     tmp = _stage(image, path, metadata)
     try:
@@ -84,16 +86,40 @@ def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
         raise
 
 
+def image_format(path: Path) -> str:
+    """Pillow's format name for the path's extension; anything else is refused (never PNG bytes under .jpg)."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: unknown image extension {Path(path).suffix!r}; use one of "
+                          f"{', '.join(sorted(FORMATS))}")
+    return fmt
+
+
+def _save_options(fmt: str, metadata: dict) -> dict:
+    """Metadata where the format carries it: PNG text chunks ("parameters" = all of it as JSON, plus one chunk a
+    key); JPEG and WebP get the same JSON as the EXIF ImageDescription (and a JPEG comment)."""
+    params = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", params)
+        for key, value in metadata.items():
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = params
+    if fmt == "JPEG":
+        return {"exif": exif, "comment": params.encode("utf-8"), "quality": 95}
+    return {"exif": exif, "lossless": True}
+
+
 def _stage(image: Image.Image, path: Path, metadata: dict) -> Path:
     """Encode into a hidden temp file next to `path` (same filesystem, so the rename is atomic)."""
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(metadata, ensure_ascii=False, sort_keys=True))
-    for key, value in metadata.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    fmt = image_format(path)
+    options = _save_options(fmt, metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            image.save(f, format=fmt, **options)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     except OSError as e:
         remove_quietly(Path(tmp))
@@ -117,6 +143,7 @@ class ImageOutputs:
         if len(set(self.paths + self.previews)) != len(self.paths) + len(self.previews):
             raise OutputError(f"{path}: the output names of this batch collide")
         for p in self.paths + self.previews:
+            image_format(p)
             check_target(p)
         for p in self.previews:
             if p.exists() and not _is_our_preview(p):
@@ -132,7 +159,7 @@ class ImageOutputs:
             remove_quietly(p)
 
     def preview(self, row: int, image: Image.Image, rows_done: int) -> None:
-        save_png(image, self.previews[row], {PREVIEW_KEY: "1", "partial_rows": rows_done})
+        save_image(image, self.previews[row], {PREVIEW_KEY: "1", "partial_rows": rows_done})
         if self.previews[row] not in self._written:
             self._written.append(self.previews[row])
 

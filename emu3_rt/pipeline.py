@@ -131,7 +131,7 @@ def _image_lists(images, n: int) -> list[list]:
                 raise TypeError(f"images must hold PIL images or file paths (str, os.PathLike), got {_kind(im)}")
         return list(x)
 
-    if n == 1 or images is None:
+    if n == 1 or images is None or (isinstance(images, (list, tuple)) and not images):  # [] for a batch: none
         return [one(images)] + [[] for _ in range(n - 1)]
     if _image_like(images) or not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
         raise TypeError(f"images for {n} prompts must be a sequence with one entry per prompt, got {_kind(images)}")
@@ -184,6 +184,7 @@ class ChatResult:
     prompt_ids: list[list[int]]
     tokens: list[list[int]]     # generated ids per row, EOS included when reached
     seed: int | None
+    seeds: list[int] | None = None  # per row: seed + i; running prompt i alone with seeds[i] reproduces it
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class ImageResult:
     seed: int | None
     negative_prompt: str | None
     cfg_scale: float
+    seeds: list[int] | None = None  # per image: seed + i; running prompt i alone with seeds[i] reproduces it
 
 
 def _sampling(value, bundle: Bundle) -> SamplingOptions:
@@ -206,13 +208,24 @@ def _sampling(value, bundle: Bundle) -> SamplingOptions:
     return value
 
 
-def _seeded(options: SamplingOptions, seed: int | None):
-    """The selector and the seed actually used (None for greedy decoding)."""
+def random_seed() -> int:
+    """A fresh 32-bit seed (the range PNG metadata and the CLI record)."""
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def row_seeds(seed: int, rows: int) -> list[int]:
+    """Row i of a batch draws from seed + i (mod 2**32): its own stream, so one prompt run alone with that
+    seed reproduces the row (as A1111/diffusers batches do)."""
+    return [(seed + i) % 2**32 for i in range(rows)]
+
+
+def _seeded(options: SamplingOptions, seed: int | None, rows: int):
+    """The selector, the seed actually used and the per-row seeds (None, None for greedy decoding)."""
     if options.greedy:
-        return Greedy(), None
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**32))
-    return Sample(np.random.default_rng(seed)), seed
+        return Greedy(), None, None
+    seed = random_seed() if seed is None else seed
+    seeds = row_seeds(seed, rows)
+    return Sample([np.random.default_rng(s) for s in seeds]), seed, seeds
 
 
 def _as_list(x) -> list:
@@ -301,6 +314,7 @@ class Emu3:
              seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
              on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False) -> ChatResult:
         """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
+        An image is a PIL image or a file path (str / os.PathLike, read with `load_image`).
 
         raw=False renders the bundle's chat template (system, then USER: images + text, then ASSISTANT:);
         raw=True uses the text as is, with one `<image>` placeholder per image. on_text(row, delta) streams text.
@@ -332,7 +346,7 @@ class Emu3:
                 raise PromptError(f"the prompt is {longest} tokens; the model's context is "
                                   f"{self.bundle.context_length}")
             max_new = min(max_new, room)
-            select, seed = _seeded(sampling, seed)
+            select, seed, seeds = _seeded(sampling, seed, len(prompts))
             chain = build_chain(cfg_scale=1.0, grid=None, temperature=sampling.temperature, top_k=sampling.top_k,
                                 top_p=sampling.top_p, greedy=sampling.greedy)
             stream = _TextStream(self.prompts, len(prompts), self.bundle.tokens.eos, on_text) if on_text else None
@@ -346,7 +360,7 @@ class Emu3:
             tokens = self._run(make_batch(ids, None, self.bundle.tokens.pad), chain, select, max_new, 1, tick)
         rows = [_until_eos(t, self.bundle.tokens.eos) for t in tokens]
         texts = [self.prompts.decode(r) for r in rows]
-        return ChatResult(texts, ids, rows, seed)
+        return ChatResult(texts, ids, rows, seed, seeds)
 
     # ---- text to image ----
 
@@ -390,6 +404,9 @@ class Emu3:
             raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
                               f"needs at least 3 tokens per row (raise --image-area or change --ratio)")
         use_cfg = cfg != 1.0  # Transformers only builds the CFG processor for a scale != 1
+        if negative_prompt is not None and not use_cfg:
+            # without guidance the negative prompt would be silently ignored
+            raise ValueError("negative_prompt needs classifier-free guidance: cfg_scale is 1, so it would be ignored")
         negative = (negative_prompt if negative_prompt is not None else s["negative_prompt"]) if use_cfg else None
 
         encode = lambda text, h, w: self.prompts.encode_image_prompt(text, h, w, allow_special_tokens)  # noqa: E731
@@ -407,7 +424,7 @@ class Emu3:
             visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
             eos=col(t.eos), pad=col(t.pad), vocab_size=self.bundle.decoder.output("logits").dims[1])
         with self._exclusive("generate_image"):
-            select, seed = _seeded(sampling, seed)
+            select, seed, seeds = _seeded(sampling, seed, len(prompts))
             chain = build_chain(cfg_scale=cfg, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                                 top_p=sampling.top_p, greedy=sampling.greedy)
             preview = _Preview(self, grids, preview_every, on_preview) if on_preview and preview_every > 0 else None
@@ -428,7 +445,7 @@ class Emu3:
                 for i, im in zip(idx, self.decode_image(tokens[idx], h, w)):
                     images[i] = im
         rows = [tokens[i, : h * (w + 1) + 3].tolist() for i, (h, w) in enumerate(grids)]
-        return ImageResult(images, cond, rows, grids, seed, negative, cfg)
+        return ImageResult(images, cond, rows, grids, seed, negative, cfg, seeds)
 
 
 def check_image_tokens(tokens: np.ndarray, h: int, w: int, bundle: Bundle) -> None:

@@ -6,6 +6,7 @@ Filters return a new array; they never modify their input. Disallowed tokens are
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,7 +62,7 @@ class ClassifierFreeGuidance:
         c, u = log_softmax(logits[:b]), log_softmax(logits[b:])           # (B, V) each, values in [-inf, 0]
         if self.scale == 1:
             return c
-        s = np.float32(self.scale)
+        s = np.float32(min(self.scale, float(np.finfo(np.float32).max)))  # a scale past float32 (1e300) saturates
         with np.errstate(invalid="ignore", over="ignore"):
             out = s * (c - u) + u
             # NaN only comes from a -inf log-prob (extreme logits): take the limit of s*c + (1-s)*u instead
@@ -128,7 +129,19 @@ class Temperature:
             raise ValueError(f"temperature must be finite and > 0, got {self.t}")
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
-        return logits / np.asarray(self.t, dtype=logits.dtype)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            t = np.asarray(self.t, dtype=logits.dtype)                    # the cast itself can overflow or flush
+            out = logits / t                                             # as Transformers: in the logits' dtype
+            if np.isfinite(t) and t > 0 and np.array_equal(np.isfinite(out), np.isfinite(logits)):
+                return out
+            # t (1e-45, 1e300) or x / t left the float range: take the limit instead. Softmax and top-k ignore a
+            # per-row shift, so divide x - (row's finite max) in float64: as t -> 0 the best ids stay 0 and the
+            # rest go to -inf (greedy's choice); as t -> inf every finite score goes to 0 (uniform). +-inf and NaN
+            # scores keep their meaning.
+            x = logits.astype(np.float64)
+            top = np.max(np.where(np.isfinite(x), x, -np.inf), axis=-1, keepdims=True)   # (B, 1)
+            top = np.where(np.isneginf(top), 0.0, top)
+            return ((x - top) / self.t).astype(logits.dtype)
 
 
 @dataclass(frozen=True)
@@ -195,10 +208,22 @@ class Greedy:
 
 
 class Sample:
-    """Draw from softmax(scores) (float64), by inverse CDF on one rng.random() per row per step."""
+    """Draw from softmax(scores) (float64), by inverse CDF on one uniform per row per step.
 
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
+    `rngs`: one generator per row (each row then depends on its own seed only, so it reproduces alone), or a
+    single generator shared by the rows (rng.random(B) per step).
+    """
+
+    def __init__(self, rngs: np.random.Generator | Sequence[np.random.Generator]):
+        self.rngs = rngs
+
+    def uniforms(self, rows: int) -> np.ndarray:
+        """(rows,) float64 in [0, 1): this step's draws."""
+        if isinstance(self.rngs, np.random.Generator):
+            return self.rngs.random(rows)
+        if len(self.rngs) != rows:
+            raise ValueError(f"{len(self.rngs)} generators for {rows} rows")
+        return np.array([g.random() for g in self.rngs], dtype=np.float64)
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         ok = _usable(scores)
@@ -208,7 +233,7 @@ class Sample:
             # rows with +inf scores: those share all the mass uniformly; else a stable softmax numerator
             weights = np.where(np.isposinf(top), np.isposinf(s), np.exp(s - top))
         cdf = np.cumsum(weights, axis=-1)                                # (B, V), unnormalised
-        u = self.rng.random(len(s)) * cdf[:, -1]
+        u = self.uniforms(len(s)) * cdf[:, -1]
         ids = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u)], dtype=np.int64)
         # round-off can put u at or past the total: fall back to the last id with weight
         last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)

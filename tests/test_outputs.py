@@ -192,8 +192,8 @@ def test_signal_mid_generation_cleans_up(tmp_path, sig):
     assert list(tmp_path.iterdir()) == [], "no preview, temp file or image left behind"
 
 
-@pytest.mark.parametrize("argv", [["chat", "--prompt", "hi", "--greedy", "--max-new-tokens", "3"],
-                                  ["chat", "--prompt", "hi", "--greedy", "--max-new-tokens", "3", "--json"]])
+@pytest.mark.parametrize("argv", [["chat", "--prompt", "hi", "--greedy", "--max-new-tokens", "3", "-q"],
+                                  ["chat", "--prompt", "hi", "--greedy", "--max-new-tokens", "3", "--json", "-q"]])
 def test_full_stdout_is_one_error_line(argv):
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "emu3_rt", *argv], cwd=REPO, stdout=full, stderr=subprocess.PIPE,
@@ -204,6 +204,6 @@ def test_full_stdout_is_one_error_line(argv):
 
 
 def test_closed_stdout_is_one_error_line():
-    r = subprocess.run(f"{sys.executable} -m emu3_rt chat --prompt hi --greedy --max-new-tokens 3 --json >&-",
+    r = subprocess.run(f"{sys.executable} -m emu3_rt chat --prompt hi --greedy --max-new-tokens 3 --json -q >&-",
                        shell=True, cwd=REPO, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "stdout" in r.stderr, r.stderr

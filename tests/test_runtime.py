@@ -132,7 +132,7 @@ def test_cli_chat_json(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["generate-image", "--prompt", "x", "--top-k", "0"], "top_k"),
+    (["generate-image", "--prompt", "x", "--top-k", "0"], "--top-k"),
     (["generate-image", "--prompt", "x", "--top-p", "1.5"], "top_p"),
     (["generate-image", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate-image", "--prompt", "x", "--cfg-scale", "-2"], "cfg_scale"),
@@ -149,8 +149,8 @@ def test_cli_chat_json(capsys):
     (["chat", "--prompt", "x", "--device", "cuda"], "CUDAExecutionProvider"),
 ])
 def test_cli_errors_are_one_line_exit_2(capsys, tmp_path, argv, needle):
-    code, stdout, err = cli(capsys, *argv, "-o" if argv[0] == "generate-image" else "--quiet",
-                            *([str(tmp_path / "o.png")] if argv[0] == "generate-image" else []))
+    code, stdout, err = cli(capsys, *argv, "--quiet", *(["-o", str(tmp_path / "o.png")]
+                                                        if argv[0] == "generate-image" else []))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err

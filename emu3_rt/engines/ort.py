@@ -6,6 +6,8 @@ onnxruntime cannot load raises instead of silently falling back to the CPU.
 
 from __future__ import annotations
 
+import numbers
+import os
 import threading
 from dataclasses import dataclass
 
@@ -20,7 +22,19 @@ PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(bool)": "bool"}
+# intra-op threads beyond this only thrash (and 100000 stalls the machine while onnxruntime spawns them)
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads) -> int:
+    """`threads` as an int in [0, MAX_THREADS] (0: onnxruntime's default); TypeError / ValueError otherwise."""
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"threads must be an int, got {type(threads).__name__}")
+    if not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be in [0, {MAX_THREADS}] (0: one per physical core), got {threads}")
+    return int(threads)
 
 
 @dataclass(frozen=True)
@@ -34,12 +48,25 @@ class OrtOptions:
     # directory for TensorRT engine and timing caches (inside the bundle by default: see OrtEngine)
     trt_cache_dir: str | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "threads", check_threads(self.threads))
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, numbers.Integral):
+            raise TypeError(f"device_id must be an int, got {type(self.device_id).__name__}")
+        if self.device_id < 0:
+            raise ValueError(f"device_id must be >= 0, got {self.device_id}")
+
 
 def import_onnxruntime():
+    # onnxruntime >= 1.2x on Linux writes a telemetry database under ~/.cache/Microsoft when it is imported; the
+    # variable must be set before the import (disable_telemetry_events covers an onnxruntime imported earlier).
+    # An explicit ORT_DISABLE_TELEMETRY=0 from the user is kept.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime
     except ImportError:
         raise EngineError("onnxruntime is not installed: pip install 'emu3-bundle[cpu]' (or [gpu])") from None
+    if hasattr(onnxruntime, "disable_telemetry_events") and os.environ["ORT_DISABLE_TELEMETRY"] != "0":
+        onnxruntime.disable_telemetry_events()
     return onnxruntime
 
 
