@@ -68,6 +68,12 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def _threads(text: str) -> int:
+    from .engines.ort import MAX_THREADS  # the engine's bound (imported on use: numpy is not needed for --help)
+
+    return int_in(0, MAX_THREADS)(text)
+
+
 def number(text: str) -> float:
     try:
         return float(text)
@@ -81,7 +87,6 @@ def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description, formatter_class=_Help)
 
 
-MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 SEED_MAX = 2**32 - 1   # seeds are 32-bit: what PNG metadata records and numpy's generators take
 
 
@@ -97,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="onnxruntime execution provider (tensorrt: ORT's TensorRT EP)")
     g.add_argument("--device-id", type=int_in(0), default=0, help="GPU ordinal (default: 0)")
-    g.add_argument("--threads", type=int_in(0, MAX_THREADS), default=0,
-                   help="intra-op threads (default: 0, onnxruntime's choice)")
+    g.add_argument("--threads", type=_threads, default=0,
+                   help="intra-op threads, at most max(64, 4 x CPUs) (default: 0, onnxruntime's choice)")
     g.add_argument("--verify", action="store_true",
                    help="re-hash every bundle file (by default only files changed since their last check are)")
     s = common.add_argument_group("sampling (defaults: the bundle's search section)")
