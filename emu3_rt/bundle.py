@@ -1,29 +1,30 @@
 """bundle.json -> a validated, frozen `Bundle`: the first stage of the runtime.
 
-Every later stage reads ids, shapes and file paths from here and nowhere else. Validation names the field that
-is wrong; file names must stay inside the bundle directory; `verify_files` checks sizes and sha256 hashes.
+Every later stage reads ids, shapes and file paths from here and nowhere else. Every size is checked against
+the graphs' declared I/O and sane bounds before anything is allocated; ids are checked against each other;
+every file the runtime opens must be listed, and listed files are checked against their sha256 (integrity.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import integrity
+from .integrity import MAX_NAME, BundleError, inside, sha256_file
 
 # 2: the step graph may use the "buffer" KV layout (present = the new rows only). A runtime that reads only 1
 # would feed such a graph as if present were the whole cache, so the version changed with it.
 SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "bundle.json"
-
-
-class BundleError(ValueError):
-    """The bundle is missing, malformed, tampered with or incomplete. The message is one line."""
-
+MAX_MANIFEST = 16 << 20
+__all__ = ["BundleError", "Bundle", "GraphSpec", "TensorSpec", "Tokens", "load_bundle", "sha256_file",
+           "verify_files"]
 
 # ---- schema ----
 
@@ -56,6 +57,24 @@ SCHEMA: tuple[tuple[str, Any], ...] = (
 KV_CACHES = ("buffer", "concat")
 TOKEN_ROLES = ("bos", "eos", "pad", "image", "boi", "eoi", "image_wrapper", "eol", "eof")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+
+# Bounds on the sizes the runtime allocates by, far above any Emu3 (vocab 184,622; 32 layers of 8 KV heads x 128;
+# codebook 32,768; context 131,072; 720x720 images): past them a manifest is broken, and is refused before a
+# numpy table or KV buffer is sized by it. (field, lowest, highest)
+MAX_VOCAB, MAX_CONTEXT, MAX_PIXELS = 1 << 21, 1 << 21, 1 << 28
+RANGES = (
+    ("model.vocab_size", 1, MAX_VOCAB), ("model.context_length", 1, MAX_CONTEXT),
+    ("model.decoder.num_hidden_layers", 1, 1024), ("model.decoder.num_key_value_heads", 1, 1024),
+    ("model.decoder.head_size", 1, 4096), ("emu3.codebook_size", 1, 1 << 20), ("emu3.spatial_factor", 1, 64),
+    ("image_processor.spatial_factor", 1, 64), ("image_processor.min_pixels", 1, MAX_PIXELS),
+    ("image_processor.max_pixels", 1, MAX_PIXELS), ("search.top_k", 1, MAX_VOCAB),
+    ("search.image_area", 1, MAX_PIXELS), ("search.max_new_tokens", 1, MAX_CONTEXT),
+    ("search.prefill_chunk", 1, MAX_CONTEXT),
+)
+MAX_TENSORS = 4096
+# a per-layer tensor name: exactly one %d, no other % (so `pattern % i` can neither fail nor grow)
+_LAYER_PATTERN = re.compile(r"[^%]*%d[^%]*")
+_RATIO = re.compile(r"[1-9][0-9]{0,4}:[1-9][0-9]{0,4}")
 
 
 def _get(manifest: dict, path: str) -> Any:
@@ -124,6 +143,7 @@ class Bundle:
     logit_ids: np.ndarray | None  # (V_head,) int64: logits column -> token id, for a visual-only head; None = full
     tokenizer_path: Path
     chat_template_path: Path
+    manifest_sha256: str = ""
 
     @property
     def num_layers(self) -> int:
@@ -152,19 +172,8 @@ class Bundle:
 
     @property
     def sha256(self) -> str:
-        """Identity of the bundle: the hash of its manifest (which holds every file's hash)."""
-        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()
-
-
-def _inside(root: Path, name: str, field: str) -> Path:
-    """A manifest file name -> a path that provably stays inside the bundle directory."""
-    pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or len(pure.parts) != 1:
-        raise BundleError(f"bundle.json: {field} {name!r} must be a plain file name inside the bundle")
-    path = root / name
-    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
-        raise BundleError(f"bundle.json: {field} {name!r} is a symlink that leaves the bundle directory")
-    return path
+        """Identity of the bundle: the hash of its manifest as loaded (which holds every file's hash)."""
+        return self.manifest_sha256
 
 
 def _graph(manifest: dict, root: Path, key: str) -> GraphSpec:
@@ -173,101 +182,193 @@ def _graph(manifest: dict, root: Path, key: str) -> GraphSpec:
     specs = {}
     for side in ("inputs", "outputs"):
         tensors = io.get(side)
-        if not isinstance(tensors, list) or not tensors:
-            raise BundleError(f"bundle.json: field 'model.{key}.io.{side}' must be a non-empty list")
+        if not isinstance(tensors, list) or not 0 < len(tensors) <= MAX_TENSORS:
+            raise BundleError(f"bundle.json: field 'model.{key}.io.{side}' must be a non-empty list "
+                              f"of at most {MAX_TENSORS} tensors")
         parsed = []
         for i, t in enumerate(tensors):
             where = f"model.{key}.io.{side}[{i}]"
-            if not (isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("dtype") in DTYPES
-                    and isinstance(t.get("dims"), list)
-                    and all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str) and 0 < len(t["name"]) <= MAX_NAME
+                    and t.get("dtype") in DTYPES and isinstance(t.get("dims"), list) and len(t["dims"]) <= 8
+                    and all((isinstance(d, str) and len(d) <= MAX_NAME) or (type(d) is int and 0 <= d < 1 << 31)
                             for d in t["dims"])):
-                raise BundleError(f"bundle.json: field {where!r} needs name, a dtype in {DTYPES} and dims")
+                raise BundleError(f"bundle.json: field {where!r} needs a name, a dtype in {DTYPES} and dims")
             parsed.append(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])))
+        if len({t.name for t in parsed}) != len(parsed):
+            raise BundleError(f"bundle.json: field 'model.{key}.io.{side}' names a tensor twice")
         specs[side] = tuple(parsed)
-    return GraphSpec(_inside(root, block["filename"], f"model.{key}.filename"), specs["inputs"], specs["outputs"])
+    return GraphSpec(inside(root, block["filename"], f"model.{key}.filename"), specs["inputs"], specs["outputs"])
 
 
-def _check_kv_layout(bundle: Bundle) -> None:
-    """The declared layout must match the step graph's present K/V length: the new tokens' (buffer) or the
-    whole mask's (concat). A mismatch would otherwise surface as a numpy broadcast or a silent ONNX one."""
-    dec = bundle.manifest["model"]["decoder"]
-    try:
-        present = bundle.decoder.output(dec["outputs"]["present_key_names"] % 0).dims
-        new = bundle.decoder.input(dec["inputs"]["input_ids"]).dims
-        total = bundle.decoder.input(dec["inputs"]["attention_mask"]).dims
-    except (StopIteration, TypeError):  # a name not in io, or a per-layer pattern without its %d
-        raise BundleError("bundle.json: model.decoder.io lacks input_ids, attention_mask or present K/V") from None
-    want = new[1:2] if bundle.kv_cache == "buffer" else total[1:2]
-    if len(present) != 4 or (present[2],) != want:
-        raise BundleError(f"bundle.json: model.decoder.kv_cache is {bundle.kv_cache!r} but the graph's present "
-                          f"K/V length is {present[2:3]}, not {want}")
+# ---- geometry: sizes against bounds and the graphs' declared I/O, before anything is sized by them ----
 
+def _check_numbers(manifest: dict) -> None:
+    for field, lo, hi in RANGES:
+        value = _get(manifest, field)
+        if not lo <= value <= hi:
+            raise BundleError(f"bundle.json: field {field!r} must be in [{lo}, {hi}], got {value}")
+    m, e, ip, s = manifest["model"], manifest["emu3"], manifest["image_processor"], manifest["search"]
+    checks = (
+        (e["codebook_size"] <= m["vocab_size"], "emu3.codebook_size must not exceed model.vocab_size"),
+        (e["spatial_factor"] == ip["spatial_factor"], "emu3.spatial_factor != image_processor.spatial_factor"),
+        (ip["min_pixels"] <= ip["max_pixels"], "image_processor.min_pixels > max_pixels"),
+        (s["max_new_tokens"] <= m["context_length"], "search.max_new_tokens exceeds model.context_length"),
+        (0 < s["top_p"] <= 1 and s["temperature"] > 0 and s["cfg_scale"] >= 0,
+         "search needs 0 < top_p <= 1, temperature > 0 and cfg_scale >= 0"),
+        (_RATIO.fullmatch(s["ratio"]) is not None, f"search.ratio must be W:H, got {s['ratio']!r:.40}"),
+        (len(s["negative_prompt"]) <= 1 << 16, "search.negative_prompt is over 65536 characters"),
+        (isinstance(s.get("do_sample", True), bool), "search.do_sample must be true or false"),
+        (all(len(ip[k]) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in ip[k])
+             for k in ("image_mean", "image_std")), "image_processor.image_mean/image_std must be 3 numbers"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise BundleError(f"bundle.json: {message}")
+
+
+def _check_decoder_io(manifest: dict, graph: GraphSpec, logit_columns: int) -> None:
+    """The step graph's declared I/O must be exactly what the runtime feeds and reads: ids, mask and positions
+    (R, S) plus one past K/V pair per layer in; logits (R, columns) plus one present pair per layer out; every
+    K/V (R, kv_heads, T, head_size), T of the presents = S (buffer layout) or the mask's length (concat)."""
+    dec = manifest["model"]["decoder"]
+    layers, heads, head_size = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+    if dec["outputs"].get("logits", "logits") != "logits":
+        raise BundleError("bundle.json: field 'model.decoder.outputs.logits' must be 'logits'")
+    kv = {}
+    for side, kind in (("inputs", "past"), ("outputs", "present")):
+        kv[side] = []
+        for part in ("key", "value"):
+            pattern = dec[side][f"{kind}_{part}_names"]
+            if len(pattern) > MAX_NAME or not _LAYER_PATTERN.fullmatch(pattern):
+                raise BundleError(f"bundle.json: field 'model.decoder.{side}.{kind}_{part}_names' must hold "
+                                  f"one %d and no other %, got {pattern!r:.60}")
+            kv[side] += [pattern % i for i in range(layers)]
+    fixed = [dec["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")]
+    declared = {"inputs": {t.name: t for t in graph.inputs}, "outputs": {t.name: t for t in graph.outputs}}
+    for side, want in (("inputs", fixed + kv["inputs"]), ("outputs", ["logits"] + kv["outputs"])):
+        have = declared[side]
+        if len(set(want)) != len(want) or set(want) != set(have):
+            missing, extra = sorted(set(want) - set(have))[:2], sorted(set(have) - set(want))[:2]
+            raise BundleError(f"bundle.json: model.decoder.io.{side} does not match num_hidden_layers={layers} "
+                              f"and the tensor names (missing {missing}, unexpected {extra}, or a name repeated)")
+    ids, mask, _ = (declared["inputs"][n] for n in fixed)
+    if any(len(t.dims) != 2 for t in (ids, mask, declared["inputs"][fixed[2]])):
+        raise BundleError("bundle.json: model.decoder input_ids, attention_mask and position_ids must be rank 2")
+    new_len = ids.dims[1] if dec["kv_cache"] == "buffer" else mask.dims[1]
+    kv_dtype = declared["inputs"][kv["inputs"][0]].dtype
+    for side in ("inputs", "outputs"):
+        for t in (declared[side][n] for n in kv[side]):
+            d = t.dims
+            if t.dtype != kv_dtype or len(d) != 4 or any(isinstance(x, int) and x != want
+                                                         for x, want in ((d[1], heads), (d[3], head_size))):
+                raise BundleError(f"bundle.json: K/V tensor {t.name!r} must be {kv_dtype} (batch, {heads}, length, "
+                                  f"{head_size}) as num_key_value_heads and head_size say, got {t.dtype} {list(d)}")
+            if side == "outputs" and d[2] != new_len:
+                raise BundleError(f"bundle.json: model.decoder.kv_cache is {dec['kv_cache']!r} but the graph's "
+                                  f"present K/V length is {d[2:3]}, not {(new_len,)}")
+    logits = declared["outputs"]["logits"].dims
+    if len(logits) != 2 or logits[1] != logit_columns:
+        raise BundleError(f"bundle.json: decoder output 'logits' must be (batch, {logit_columns}) for this "
+                          f"vocab_size and head, got {list(logits)}")
+
+
+def _check_vq_io(graph: GraphSpec, key: str, source: tuple[str, int], result: tuple[str, int]) -> None:
+    """VQ graphs take and give one tensor each: pixels (N, 3, H, W) <-> codes (N, h, w)."""
+    for side, tensors, (name, rank) in (("inputs", graph.inputs, source), ("outputs", graph.outputs, result)):
+        if [(t.name, len(t.dims)) for t in tensors] != [(name, rank)]:
+            raise BundleError(f"bundle.json: model.{key}.io.{side} must be one rank-{rank} tensor {name!r}")
+
+
+# ---- ids ----
 
 def _tokens(manifest: dict, vocab_size: int) -> Tokens:
     block = manifest["emu3"]["tokens"]
     ids, text = {}, {}
     for role in TOKEN_ROLES:
         entry = block.get(role)
-        if not (isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("text"), str)
-                and 0 <= entry["id"] < vocab_size):
+        if not (isinstance(entry, dict) and type(entry.get("id")) is int and 0 <= entry["id"] < vocab_size
+                and isinstance(entry.get("text"), str) and 0 < len(entry["text"]) <= MAX_NAME):
             raise BundleError(f"bundle.json: field 'emu3.tokens.{role}' needs a text and an id in [0, {vocab_size})")
         ids[role], text[role] = entry["id"], entry["text"]
+    # Emu3's nine roles are nine tokens (pad 151643, eol 151846, eof 151847, bos 151849, eos 151850, img 151851,
+    # boi 151852, eoi 151853, <image> 151646): a shared one (pad = eos) would end or misparse grids silently.
+    for values, what in ((ids, "id"), (text, "text")):
+        first: dict = {}
+        for role, v in values.items():
+            if v in first:
+                raise BundleError(f"bundle.json: emu3.tokens.{first[v]} and emu3.tokens.{role} share the {what} {v!r}")
+            first[v] = role
+    for role in ("bos", "eos", "pad"):
+        if manifest["model"][f"{role}_token_id"] != ids[role]:
+            raise BundleError(f"bundle.json: model.{role}_token_id {manifest['model'][f'{role}_token_id']} != "
+                              f"emu3.tokens.{role}.id {ids[role]}")
     return Tokens(**ids, text=text)
 
 
-def _visual_ids(manifest: dict, vocab_size: int) -> np.ndarray:
-    codebook = manifest["emu3"]["codebook_size"]
-    table = np.full(codebook, -1, dtype=np.int64)
-    for i, run in enumerate(manifest["emu3"]["visual_token_runs"]):
-        if not (isinstance(run, list) and len(run) == 3 and all(isinstance(x, int) for x in run)
-                and run[2] > 0 and 0 <= run[0] and run[0] + run[2] <= codebook
-                and 0 <= run[1] and run[1] + run[2] <= vocab_size):
-            raise BundleError(f"bundle.json: field 'emu3.visual_token_runs[{i}]' must be [first_code, first_id, "
-                              f"count] inside the codebook and vocabulary")
-        table[run[0]: run[0] + run[2]] = np.arange(run[1], run[1] + run[2])
-    if (table < 0).any():
-        raise BundleError(f"bundle.json: field 'emu3.visual_token_runs' leaves {(table < 0).sum()} codes unmapped")
-    return table
+MAX_RUNS = 1 << 16  # a real checkpoint has one run of 32,768
 
 
-def _logit_ids(manifest: dict, vocab_size: int) -> np.ndarray | None:
-    dec = manifest["model"]["decoder"]
+def _runs(value: Any, field: str, first_limit: int, vocab_size: int) -> list[tuple[int, int, int]]:
+    """[[first, first_id, count], ...] with first + count <= first_limit and first_id + count <= vocab_size."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_RUNS:
+        raise BundleError(f"bundle.json: field {field!r} must be a list of 1 to {MAX_RUNS} runs")
+    for i, run in enumerate(value):
+        if not (isinstance(run, list) and len(run) == 3 and all(type(x) is int for x in run) and run[2] > 0
+                and 0 <= run[0] and run[0] + run[2] <= first_limit and 0 <= run[1] and run[1] + run[2] <= vocab_size):
+            raise BundleError(f"bundle.json: field '{field}[{i}]' must be [first, first_id, count] inside "
+                              f"[0, {first_limit}) and the vocabulary")
+    return [tuple(run) for run in value]
+
+
+def _table(runs: list[tuple[int, int, int]]) -> np.ndarray:
+    """Runs sorted by their first column/code -> (total count,) int64 ids."""
+    return np.concatenate([np.arange(first_id, first_id + n, dtype=np.int64) for _, first_id, n in sorted(runs)])
+
+
+def _visual_runs(manifest: dict, tokens: Tokens) -> list[tuple[int, int, int]]:
+    """Code -> id runs that map every code exactly once, to distinct ids, none of them a control id."""
+    codebook, vocab = manifest["emu3"]["codebook_size"], manifest["model"]["vocab_size"]
+    runs = _runs(manifest["emu3"]["visual_token_runs"], "emu3.visual_token_runs", codebook, vocab)
+    by_code, by_id = sorted(runs), sorted(runs, key=lambda r: r[1])
+    if sum(r[2] for r in runs) != codebook or any(a[0] + a[2] != b[0] for a, b in zip(by_code, by_code[1:])):
+        raise BundleError(f"bundle.json: field 'emu3.visual_token_runs' must map each of the {codebook} codes once")
+    if any(a[1] + a[2] > b[1] for a, b in zip(by_id, by_id[1:])):
+        raise BundleError("bundle.json: field 'emu3.visual_token_runs' maps two codes to one id")
+    starts = np.array([r[1] for r in by_id])
+    ends = starts + np.array([r[2] for r in by_id])
+    for role in TOKEN_ROLES:
+        tid = getattr(tokens, role)
+        k = np.searchsorted(starts, tid, side="right") - 1
+        if k >= 0 and tid < ends[k]:
+            raise BundleError(f"bundle.json: emu3.tokens.{role} id {tid} is inside the visual token range")
+    return runs
+
+
+def _logit_runs(manifest: dict) -> list[tuple[int, int, int]] | None:
+    """None for a full head; else column -> id runs, columns contiguous from 0, ids increasing."""
+    dec, vocab = manifest["model"]["decoder"], manifest["model"]["vocab_size"]
     head = dec.get("head", "full")
     if head == "full":
         return None
-    runs = dec.get("logit_id_runs")
-    if head != "visual" or not isinstance(runs, list) or not runs:
+    if head != "visual" or not isinstance(dec.get("logit_id_runs"), list):
         raise BundleError("bundle.json: field 'model.decoder.head' must be 'full', or 'visual' with logit_id_runs")
-    cols = []
-    for i, run in enumerate(runs):
-        if not (isinstance(run, list) and len(run) == 3 and all(isinstance(x, int) for x in run) and run[2] > 0
-                and run[0] == len(cols) and 0 <= run[1] and run[1] + run[2] <= vocab_size):
-            raise BundleError(f"bundle.json: field 'model.decoder.logit_id_runs[{i}]' must be [first_column, "
-                              f"first_id, count], contiguous columns, ids inside the vocabulary")
-        cols.extend(range(run[1], run[1] + run[2]))
-    ids = np.asarray(cols, dtype=np.int64)
-    if (np.diff(ids) <= 0).any():
-        raise BundleError("bundle.json: field 'model.decoder.logit_id_runs' must list increasing ids")
-    return ids
+    runs = _runs(dec["logit_id_runs"], "model.decoder.logit_id_runs", vocab, vocab)
+    if runs[0][0] != 0 or any(a[0] + a[2] != b[0] or a[1] + a[2] > b[1] for a, b in zip(runs, runs[1:])):
+        raise BundleError("bundle.json: field 'model.decoder.logit_id_runs' must list contiguous columns from 0 "
+                          "and increasing ids")
+    return runs
 
+
+# ---- load ----
 
 def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
-    """Read and validate `path/bundle.json`. `verify=True` also checks every file's size and sha256."""
+    """Read and validate `path/bundle.json`, then check every listed file's size and sha256: once per version of
+    each file (remembered in the per-user stamp cache, see integrity.py), or every time with `verify=True`."""
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle directory")
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{root}: no {MANIFEST}; not a bundle directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{root / MANIFEST}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{root / MANIFEST}: top level must be an object")
+    manifest, digest = integrity.read_manifest(root, MANIFEST, MAX_MANIFEST)
     version = manifest.get("schema_version")
-    if version not in SCHEMA_VERSIONS:
-        raise BundleError(f"bundle.json: unsupported schema_version {version!r} (this runtime reads "
+    if version not in SCHEMA_VERSIONS or type(version) is not int:
+        raise BundleError(f"bundle.json: unsupported schema_version {version!r:.20} (this runtime reads "
                           f"{', '.join(map(str, SCHEMA_VERSIONS))}); re-export or upgrade emu3-bundle")
     for field, kind in SCHEMA:
         _typed(manifest, field, kind)
@@ -277,44 +378,30 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
                           f"got {kv_cache!r:.40}")
     if version == 1 and kv_cache != "concat":
         raise BundleError(f"bundle.json: schema_version 1 has only the concat KV layout, got {kv_cache!r}")
+    _check_numbers(manifest)
     vocab = manifest["model"]["vocab_size"]
-    for name, entry in manifest["files"].items():
-        _inside(root, name, "files key")
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("size"), int)):
-            raise BundleError(f"bundle.json: field 'files.{name}' needs sha256 and size")
+    tokens = _tokens(manifest, vocab)
+    decoder = _graph(manifest, root, "decoder")
+    vq_encoder, vq_decoder = _graph(manifest, root, "vq_encoder"), _graph(manifest, root, "vq_decoder")
+    visual, logit = _visual_runs(manifest, tokens), _logit_runs(manifest)
+    _check_decoder_io(manifest, decoder, vocab if logit is None else sum(r[2] for r in logit))
+    _check_vq_io(vq_encoder, "vq_encoder", ("pixel_values", 4), ("codes", 3))
+    _check_vq_io(vq_decoder, "vq_decoder", ("codes", 3), ("pixel_values", 4))
+    files = integrity.listed_files(manifest, root)
     bundle = Bundle(
-        root=root, manifest=manifest,
-        decoder=_graph(manifest, root, "decoder"), vq_encoder=_graph(manifest, root, "vq_encoder"),
-        vq_decoder=_graph(manifest, root, "vq_decoder"), tokens=_tokens(manifest, vocab),
-        visual_ids=_visual_ids(manifest, vocab), logit_ids=_logit_ids(manifest, vocab),
-        tokenizer_path=_inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
-        chat_template_path=_inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
+        root=root, manifest=manifest, decoder=decoder, vq_encoder=vq_encoder, vq_decoder=vq_decoder, tokens=tokens,
+        visual_ids=_table(visual), logit_ids=None if logit is None else _table(logit),
+        tokenizer_path=inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
+        chat_template_path=inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
+        manifest_sha256=digest,
     )
-    _check_kv_layout(bundle)
-    for p in (bundle.decoder.path, bundle.vq_encoder.path, bundle.vq_decoder.path, bundle.tokenizer_path):
-        if p.name not in manifest["files"]:
-            raise BundleError(f"bundle.json: {p.name} is used but not listed under 'files'")
-    if verify:
-        verify_files(bundle)
+    graphs = [decoder.path, vq_encoder.path, vq_decoder.path]
+    integrity.check_listed(root, files, graphs + [bundle.tokenizer_path, bundle.chat_template_path], {})
+    external = integrity.check_files(root, files, [g.name for g in graphs], force=verify)
+    integrity.check_listed(root, files, [], external)
     return bundle
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_files(bundle: Bundle) -> None:
-    """Check every listed file's size and sha256 (reads every byte: about 1 s per GB)."""
-    for name, entry in bundle.manifest["files"].items():
-        path = bundle.root / name
-        if not path.is_file():
-            raise BundleError(f"{path}: listed in bundle.json but missing")
-        if path.stat().st_size != entry["size"]:
-            raise BundleError(f"{path}: size {path.stat().st_size} != {entry['size']} in bundle.json (truncated?)")
-        if sha256_file(path) != entry["sha256"]:
-            raise BundleError(f"{path}: sha256 does not match bundle.json (modified or corrupt)")
+    """Re-hash every listed file now, ignoring the stamp cache (reads every byte: about 1 s per GB)."""
+    integrity.check_files(bundle.root, bundle.manifest["files"], [], force=True)

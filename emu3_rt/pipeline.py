@@ -513,7 +513,8 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
     engine "trt": the bundle's own TensorRT plans (built by `python -m export.build_trt`), checked before use.
-    Graph sessions are created lazily on first use; verify=True hashes every file first (about 1 s per GB).
+    Graph sessions are created lazily on first use. Every file's sha256 is checked against bundle.json once per
+    file version and remembered (emu3_rt.integrity); verify=True re-hashes everything (about 1 s per GB).
     """
     # every argument is checked before the bundle is read
     if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):

@@ -8,15 +8,16 @@ Batches are left-padded; `Batch` carries ids, mask and position ids (R, L) for t
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 
-from .bundle import Bundle
+from . import chat_template
+from .bundle import Bundle, BundleError
+from .integrity import read_regular
+from .tokenizer import load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 # (text, from_user): a prompt in pieces, so special-token strings the user typed can be kept literal
@@ -29,34 +30,8 @@ class PromptError(ValueError):
 
 # ---- chat template ----
 
-def compile_chat_template(source: str):
-    """Jinja as Transformers renders chat templates: sandboxed, trim/lstrip blocks, `{% generation %}` kept."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        # Transformers tracks assistant spans with this tag; for rendering it is a plain pass-through block.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+# Transformers' Jinja setup, sandboxed and bounded (time, sizes): see chat_template.py
+compile_chat_template = chat_template.compile_chat_template
 
 
 def calculate_generate_size(ratio: str, image_area: int, spatial_factor: int) -> tuple[int, int]:
@@ -120,11 +95,9 @@ def make_batch(cond: list[list[int]], uncond: list[list[int]] | None, pad_id: in
 
 class PromptEncoder:
     def __init__(self, bundle: Bundle):
-        from tokenizers import Tokenizer
-
         self.bundle = bundle
         self.tokens = bundle.tokens
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self.tokenizer = load_tokenizer(bundle)  # checked against bundle.json; BundleError names the file
         self._template = None
         self._specials: frozenset[int] | None = None
         self._literal_tokenizer = None
@@ -185,14 +158,29 @@ class PromptEncoder:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """`processor.apply_chat_template(messages, add_generation_prompt=True)`, as a string."""
+        import jinja2
+
+        path = self.bundle.chat_template_path
         if self._template is None:
-            source = self.bundle.chat_template_path.read_text(encoding="utf-8")
+            try:
+                source = read_regular(path, chat_template.MAX_SOURCE).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BundleError(f"{path}: not UTF-8 text") from None
             if not source.strip():
                 raise PromptError("this bundle has no chat template; pass the prompt as is (--raw-prompt)")
-            self._template = compile_chat_template(source)
+            try:
+                self._template = compile_chat_template(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise BundleError(f"{path}: line {e.lineno}: {e.message}") from None
         t = self.tokens.text
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])
+        try:
+            return chat_template.render(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])
+        except (chat_template.TemplateLimitError, jinja2.TemplateError, RecursionError, ArithmeticError,
+                TypeError, ValueError, LookupError, AttributeError) as e:
+            # the template's raise_exception, a limit, or a template bug meeting these messages: one line
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise PromptError(f"{path.name}: cannot render the chat ({reason})") from None
 
     # images inside a prompt
 

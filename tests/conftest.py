@@ -59,6 +59,16 @@ def bundles(tmp_path_factory, checkpoints):
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stamp_cache(tmp_path_factory):
+    """Bundle hash stamps (emu3_rt.integrity) go to a temporary directory, never the user's cache; subprocesses
+    inherit the variable."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("emu3-rt-cache")
+        mp.setenv("EMU3_RT_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def bundle_copy(tmp_path):
     """A writable copy of the checked-in tiny bundle."""

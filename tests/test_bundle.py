@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import emu3_rt
+from emu3_rt import integrity
 from emu3_rt.bundle import BundleError, load_bundle
+from emu3_rt.prompt import PromptError
 
-from .conftest import TINY_BUNDLE
+from .conftest import TINY_BUNDLE, refresh_hash
 
 
 def _edit(root, fn):
@@ -110,9 +116,9 @@ def test_tampered_file_fails_hash_check(bundle_copy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    load_bundle(bundle_copy)  # cheap load does not hash
-    with pytest.raises(BundleError, match="vq_decoder.onnx: sha256 does not match"):
-        load_bundle(bundle_copy, verify=True)
+    for verify in (False, True):  # checked by default, not only with --verify
+        with pytest.raises(BundleError, match="vq_decoder.onnx: sha256 does not match"):
+            load_bundle(bundle_copy, verify=verify)
 
 
 def test_truncated_file_fails_size_check(bundle_copy):
@@ -160,3 +166,341 @@ def test_fuzzed_manifest_only_raises_bundle_error(bundle_copy, path, value):
         load_bundle(bundle_copy)
     except BundleError as e:
         assert "\n" not in str(e)
+
+
+# ---- geometry: every size checked against bounds and the graphs' declared I/O, before anything is allocated ----
+
+def _set(path, value):
+    def edit(m):
+        *parents, leaf = path.split(".")
+        node = m
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
+    return edit
+
+
+GEOMETRY = [
+    ("model.vocab_size", 10**12, r"'model.vocab_size' must be in \[1, 2097152\], got 1000000000000"),
+    ("model.vocab_size", 1068, r"decoder output 'logits' must be \(batch, 1068\)"),
+    ("model.vocab_size", True, "'model.vocab_size' must be a int"),
+    ("model.context_length", 0, "'model.context_length' must be in"),
+    ("model.decoder.num_hidden_layers", 10**9, "'model.decoder.num_hidden_layers' must be in"),
+    ("model.decoder.num_hidden_layers", 3, r"io.inputs does not match num_hidden_layers=3 .*past_key_values.2.key"),
+    ("model.decoder.num_hidden_layers", 1, r"io.inputs does not match num_hidden_layers=1 .*unexpected"),
+    ("model.decoder.num_key_value_heads", 4, r"'past_key_values.0.key' must be float32 \(batch, 4, length, 16\)"),
+    ("model.decoder.head_size", 10**6, "'model.decoder.head_size' must be in"),
+    ("model.decoder.head_size", 32, r"must be float32 \(batch, 2, length, 32\)"),
+    ("model.decoder.inputs.past_key_names", "past_key_values.%d.%d", "one %d and no other %"),
+    ("model.decoder.inputs.past_key_names", "past.%s", "one %d and no other %"),
+    ("model.decoder.inputs.past_key_names", "past.%999999999d", "one %d and no other %"),
+    ("model.decoder.inputs.past_value_names", "past_key_values.%d.key", "or a name repeated"),
+    ("model.decoder.io.outputs.0.dims", ["batch_size", 2**40], r"io.outputs\[0\]' needs a name"),
+    ("model.decoder.io.inputs.3.dtype", "float16", "'past_key_values.1.key' must be float16"),
+    ("emu3.codebook_size", 10**10, "'emu3.codebook_size' must be in"),
+    ("emu3.codebook_size", 255, r"visual_token_runs\[0\]' must be \[first, first_id, count\]"),
+    ("emu3.visual_token_runs", [[0, 811, 2**40]], r"visual_token_runs\[0\]' must be"),
+    ("emu3.visual_token_runs", [[0, 811, True]], r"visual_token_runs\[0\]' must be"),
+    ("emu3.visual_token_runs", [[0, 811, 1]] * 100000, "must be a list of 1 to 65536 runs"),
+    ("emu3.visual_token_runs", [[0, 811, 128], [129, 939, 127]], "must map each of the 256 codes once"),
+    ("emu3.visual_token_runs", [[0, 811, 128], [128, 811, 128]], "maps two codes to one id"),
+    ("emu3.spatial_factor", 16, r"emu3.spatial_factor != image_processor.spatial_factor"),
+    ("image_processor.min_pixels", 8192, "min_pixels > max_pixels"),
+    ("image_processor.max_pixels", 2**40, "'image_processor.max_pixels' must be in"),
+    ("image_processor.image_std", [0.5, 0.5], "image_mean/image_std must be 3 numbers"),
+    ("search.max_new_tokens", 2048, "max_new_tokens exceeds model.context_length"),
+    ("search.top_k", -1, "'search.top_k' must be in"),
+    ("search.top_p", 0, "search needs 0 < top_p <= 1"),
+    ("search.ratio", "1:0", "search.ratio must be W:H"),
+    ("search.image_area", 10**15, "'search.image_area' must be in"),
+    ("search.prefill_chunk", 0, "'search.prefill_chunk' must be in"),
+    ("model.decoder.logit_id_runs", [[0, 0, 10**9]], None),  # ignored: head is "full"
+]
+
+
+@pytest.mark.parametrize("path, value, message", GEOMETRY, ids=[f"{p}={str(v)[:20]}" for p, v, _ in GEOMETRY])
+def test_geometry_is_checked_before_allocating(bundle_copy, path, value, message):
+    if path == "model.decoder.logit_id_runs":
+        _edit(bundle_copy, lambda m: m["model"]["decoder"].update(logit_id_runs=value))
+        assert load_bundle(bundle_copy).logit_ids is None
+        return
+    _edit(bundle_copy, _set(path, value))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(BundleError, match=message) as e:
+            load_bundle(bundle_copy)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 1.0 and peak < 64 << 20
+    assert "\n" not in str(e.value)
+
+
+def test_visual_head_geometry(bundle_copy):
+    """A visual head's logits have one column per listed id: the column count must match the graph's."""
+    def visual(m):
+        m["model"]["decoder"].update(head="visual", logit_id_runs=[[0, 803, 8], [8, 811, 256]])
+        m["model"]["decoder"]["io"]["outputs"][0]["dims"][1] = 264
+    _edit(bundle_copy, visual)
+    assert list(load_bundle(bundle_copy).logit_ids[:9]) == [803, 804, 805, 806, 807, 808, 809, 810, 811]
+    for runs, message in [([[0, 803, 8], [9, 811, 256]], "contiguous columns"),
+                          ([[0, 811, 256], [256, 803, 8]], "increasing ids"),
+                          ([[0, 803, 2**40]], r"logit_id_runs\[0\]' must be")]:
+        _edit(bundle_copy, lambda m, runs=runs: m["model"]["decoder"].update(logit_id_runs=runs))
+        with pytest.raises(BundleError, match=message):
+            load_bundle(bundle_copy)
+    _edit(bundle_copy, lambda m: m["model"]["decoder"].update(logit_id_runs=[[0, 803, 8], [8, 811, 255]]))
+    with pytest.raises(BundleError, match=r"'logits' must be \(batch, 263\)"):
+        load_bundle(bundle_copy)
+
+
+# ---- ids: consistent with each other and with the tokenizer ----
+
+IDS = [
+    (_set("emu3.tokens.pad.id", 807), "emu3.tokens.eos and emu3.tokens.pad share the id 807"),
+    (_set("emu3.tokens.eol.id", 811), "emu3.tokens.eol id 811 is inside the visual token range"),
+    (_set("emu3.tokens.eof.id", 1066), "emu3.tokens.eof id 1066 is inside the visual token range"),
+    (_set("emu3.tokens.bos.id", True), "field 'emu3.tokens.bos' needs a text and an id"),
+    (_set("emu3.tokens.boi.id", 5000), "field 'emu3.tokens.boi' needs a text and an id in"),
+    (_set("emu3.tokens.boi.text", "<|image end|>"), "share the text '<|image end|>'"),
+    (_set("model.eos_token_id", 5), "model.eos_token_id 5 != emu3.tokens.eos.id 807"),
+]
+
+
+@pytest.mark.parametrize("edit, message", IDS, ids=[m[:30] for _, m in IDS])
+def test_inconsistent_ids_are_refused(bundle_copy, edit, message):
+    _edit(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+TOKENIZER_IDS = [
+    (_set("emu3.tokens.boi.text", "<|extra_5|>"),
+     r"emu3.tokens.boi '<\|extra_5\|>' is 608 \(tokenized as \[608\]\) .* says 809"),
+    (_set("emu3.tokens.boi.id", 605), r"emu3.tokens.boi '<\|image start\|>' is 809 .* bundle.json says 605"),
+    (_set("emu3.visual_token_runs", [[0, 812, 255], [255, 811, 1]]),
+     r"id 812 is '<\|visual token 000001\|>', but emu3.visual_token_runs maps code 0 to it"),
+]
+
+
+@pytest.mark.parametrize("edit, message", TOKENIZER_IDS, ids=["text", "id", "visual"])
+def test_ids_must_agree_with_the_tokenizer(bundle_copy, edit, message):
+    _edit(bundle_copy, edit)
+    load_bundle(bundle_copy)  # consistent on its own: only the tokenizer can tell
+    with pytest.raises(BundleError, match=f"tokenizer.json: {message}"):
+        emu3_rt.load(bundle_copy)
+
+
+# ---- files: only regular files inside the bundle, bounded, all listed ----
+
+def _fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("name", ["bundle.json", "tokenizer.json", "chat_template.jinja", "decoder_step.onnx"])
+@pytest.mark.parametrize("make", [_fifo, _directory], ids=["fifo", "directory"])
+def test_only_regular_files_are_read(bundle_copy, name, make):
+    make(bundle_copy / name)
+    start = time.perf_counter()
+    with pytest.raises(BundleError, match=f"{name}: not a regular file"):
+        emu3_rt.load(bundle_copy).chat("hi", max_new_tokens=1, sampling=emu3_rt.SamplingOptions(greedy=True))
+    assert time.perf_counter() - start < 2.0
+
+
+def test_symlink_to_a_device_is_refused(bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").symlink_to("/dev/zero")
+    with pytest.raises(BundleError, match="symlink that leaves the bundle"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("module, limit, name", [("emu3_rt.bundle", "MAX_MANIFEST", "bundle.json"),
+                                                 ("emu3_rt.tokenizer", "MAX_TOKENIZER", "tokenizer.json"),
+                                                 ("emu3_rt.chat_template", "MAX_SOURCE", "chat_template.jinja")])
+def test_file_size_bounds(bundle_copy, monkeypatch, module, limit, name):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), limit, 500)
+    with pytest.raises(BundleError, match=f"{name}: .* over the 500-byte limit"):
+        model = emu3_rt.load(bundle_copy)
+        model.prompts.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_used_files_must_be_listed(bundle_copy):
+    _edit(bundle_copy, lambda m: m["files"].pop("chat_template.jinja"))
+    with pytest.raises(BundleError, match="chat_template.jinja is used but not listed under 'files'"):
+        load_bundle(bundle_copy)
+
+
+def test_external_data_must_be_listed(bundle_copy):
+    """onnxruntime opens a graph's external data by itself: the runtime reads the locations from the graph."""
+    onnx = pytest.importorskip("onnx")
+    graph = bundle_copy / "decoder_step.onnx"
+    onnx.save(onnx.load(graph), graph, save_as_external_data=True, location="weights.bin", size_threshold=4096)
+    refresh_hash(bundle_copy, "decoder_step.onnx")
+    with pytest.raises(BundleError, match="weights.bin, external data of decoder_step.onnx, is not listed"):
+        load_bundle(bundle_copy)
+    refresh_hash(bundle_copy, "weights.bin")
+    model = emu3_rt.load(bundle_copy)
+    assert model.chat("hi", max_new_tokens=2, sampling=emu3_rt.SamplingOptions(greedy=True)).tokens
+
+
+# ---- integrity by default: hashed once per file version, remembered per user ----
+
+def _count_hashes(monkeypatch):
+    calls = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: calls.append(p.name) or real(p))
+    return calls
+
+
+def test_hashes_are_remembered(bundle_copy, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(tmp_path / "cache"))
+    calls = _count_hashes(monkeypatch)
+    load_bundle(bundle_copy)
+    assert sorted(calls) == sorted(json.loads((bundle_copy / "bundle.json").read_text())["files"])
+    calls.clear()
+    load_bundle(bundle_copy)
+    assert calls == []                       # stamps match: nothing re-read
+    load_bundle(bundle_copy, verify=True)
+    assert len(calls) == 5                   # --verify re-hashes everything
+    calls.clear()
+    (bundle_copy / "chat_template.jinja").touch()
+    load_bundle(bundle_copy)
+    assert calls == ["chat_template.jinja"]  # only the file that changed
+
+
+def test_same_size_edit_with_mtime_restored_is_caught(bundle_copy, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(tmp_path / "cache"))
+    load_bundle(bundle_copy)
+    path = bundle_copy / "vq_decoder.onnx"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # ctime still moves
+    with pytest.raises(BundleError, match="vq_decoder.onnx: sha256 does not match"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("cache", ["garbage", "[1, 2]", '{"decoder_step.onnx": 7}', "not a dir"])
+def test_corrupt_or_unusable_cache_means_rehash(bundle_copy, monkeypatch, tmp_path, cache):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(root))
+    load_bundle(bundle_copy)
+    (stamp,) = (root / "stamps").iterdir()
+    if cache == "not a dir":  # a cache location that cannot be written: loads still check every hash
+        monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(stamp))
+    else:
+        stamp.write_text(cache)
+    calls = _count_hashes(monkeypatch)
+    load_bundle(bundle_copy)
+    assert len(calls) == 5
+
+
+# ---- tokenizer.json: panics, regexes, ids ----
+
+def _edit_tokenizer(root, fn):
+    t = json.loads((root / "tokenizer.json").read_text())
+    fn(t)
+    (root / "tokenizer.json").write_text(json.dumps(t))
+    refresh_hash(root, "tokenizer.json")
+
+
+BAD_TOKENIZERS = [
+    (lambda t: t["model"]["merges"].insert(0, ["zz", "qq"]), "the tokenizers library cannot load it"),
+    (lambda t: t.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated",
+                                       "invert": False}), r"regex '\(a\+\)\+\$' is not a vetted"),
+    (lambda t: t.update(normalizer={"type": "Replace", "pattern": {"Regex": "(x|xx)+y"}, "content": ""}),
+     r"regex '\(x\|xx\)\+y' is not a vetted"),
+    (lambda t: t["added_tokens"].append({"id": 5000, "content": "<|far|>", "single_word": False, "lstrip": False,
+                                         "rstrip": False, "normalized": False, "special": True}),
+     r"has id \d+, outside model.vocab_size 1067"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_TOKENIZERS, ids=["merge", "split-regex", "replace-regex", "far-id"])
+def test_bad_tokenizer_is_a_bundle_error(bundle_copy, edit, message):
+    _edit_tokenizer(bundle_copy, edit)
+    with pytest.raises(BundleError, match=f"tokenizer.json: {message}"):
+        emu3_rt.load(bundle_copy)
+
+
+def test_tokenizer_panic_is_a_bundle_error(bundle_copy, monkeypatch):
+    """The library's Rust panics surface as pyo3's PanicException, a BaseException the CLI would not catch."""
+    import tokenizers
+
+    real = tokenizers.Tokenizer
+
+    def panic(text):
+        spec = json.loads((TINY_BUNDLE / "tokenizer.json").read_text())
+        spec["truncation"] = {"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 5}
+        real.from_str(json.dumps(spec)).encode("a b c")  # the library panics: stride must be below max_length
+
+    with pytest.raises(BaseException) as raw:
+        panic("")
+    assert not isinstance(raw.value, Exception)  # what `except Exception` would let through
+
+    class Exploding:
+        from_str = staticmethod(panic)
+
+    monkeypatch.setattr(tokenizers, "Tokenizer", Exploding)
+    with pytest.raises(BundleError, match=r"tokenizer.json: the tokenizers library cannot load it \(`stride`"):
+        emu3_rt.load(bundle_copy)
+
+
+def test_truncation_in_tokenizer_json_is_ignored(bundle_copy):
+    """Transformers never truncates from tokenizer.json; the library would panic on this setting at encode."""
+    _edit_tokenizer(bundle_copy, lambda t: t.update(truncation={"direction": "Right", "max_length": 1,
+                                                                 "strategy": "LongestFirst", "stride": 5}))
+    model = emu3_rt.load(bundle_copy)
+    assert len(model.prompts.encode_text("a b c d e")) > 1
+
+
+# ---- the chat template: sandboxed and bounded ----
+
+TEMPLATES = [
+    ("{% for i in range(1000000) %}{% endfor %}", "range"),
+    ("{{ 'x' * 100000000 }}", "repeated string"),
+    ("{{ 2 ** 100000 }}", "integer over"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "concat"),
+    ("{% set ns = namespace(s=['a']) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "concat"),
+    ("{{ 'a'|center(100000000) }}", "center"),
+    ("{{ ('x' * 1000000)|replace('x', 'yyyyyyyy') }}", "replace"),
+    ("{{ ('x' * 1000000).replace('x', 'yyyyyyyy') }}", "call"),
+    ("{{ '%099999999d' % 1 }}", "formatted"),
+    ("{{ '{:>99999999}'.format(1) }}", "formatted"),
+    ("{{ [1, 2]|tojson(indent=100000000) }}", "tojson"),
+    ("{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}", "did not finish"),
+    ("{% for i in range(9999) %}{{ 'x' * 4000000 }}{% endfor %}", "rendered prompt"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+]
+
+
+@pytest.mark.parametrize("source, message", TEMPLATES, ids=[m for _, m in TEMPLATES])
+def test_chat_template_is_bounded(bundle_copy, monkeypatch, source, message):
+    from emu3_rt import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    (bundle_copy / "chat_template.jinja").write_text(source)
+    refresh_hash(bundle_copy, "chat_template.jinja")
+    model = emu3_rt.load(bundle_copy)
+    start = time.perf_counter()
+    with pytest.raises(PromptError, match=f"chat_template.jinja: cannot render the chat .*(?i:{message})") as e:
+        model.prompts.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert time.perf_counter() - start < 3.0 and "\n" not in str(e.value)
+
+
+def test_chat_template_syntax_error_names_the_file(bundle_copy):
+    (bundle_copy / "chat_template.jinja").write_text("{% for %}")
+    refresh_hash(bundle_copy, "chat_template.jinja")
+    with pytest.raises(BundleError, match="chat_template.jinja: line 1: "):
+        emu3_rt.load(bundle_copy).prompts.render_chat([])

@@ -187,3 +187,10 @@ def test_ctrl_c_during_import_has_no_traceback():
             "raise SystemExit(main(['chat', '--prompt', 'x']))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 130 and r.stderr == "emu3-rt: interrupted\n", r.stderr
+
+
+def test_checkpoint_given_as_bundle_suggests_export(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    code, out, err = cli(capsys, "chat", "--bundle", str(tmp_path), "--prompt", "x", "-q")
+    assert code == 2 and "python -m export --checkpoint" in err and err.count("\n") == 1
