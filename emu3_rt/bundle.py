@@ -56,7 +56,7 @@ SCHEMA: tuple[tuple[str, Any], ...] = (
 )
 KV_CACHES = ("buffer", "concat")
 TOKEN_ROLES = ("bos", "eos", "pad", "image", "boi", "eoi", "image_wrapper", "eol", "eof")
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 # Bounds on the sizes the runtime allocates by, far above any Emu3 (vocab 184,622; 32 layers of 8 KV heads x 128;
 # codebook 32,768; context 131,072; 720x720 images): past them a manifest is broken, and is refused before a
@@ -144,6 +144,8 @@ class Bundle:
     tokenizer_path: Path
     chat_template_path: Path
     manifest_sha256: str = ""
+    # the sampling chain as a graph (export/sampler_graph.py): (R, V) logits + per-row inputs -> (B,) ids
+    sampler: GraphSpec | None = None
 
     @property
     def num_layers(self) -> int:
@@ -281,6 +283,18 @@ def _check_vq_io(graph: GraphSpec, key: str, source: tuple[str, int], result: tu
 
 # ---- ids ----
 
+def _check_sampler_io(sampler: GraphSpec, decoder: GraphSpec) -> None:
+    """The sampler reads the step graph's logits as they are: same width, same dtype."""
+    want = {"logits", "cfg_scale", "guided", "kinds", "temperature", "top_k", "top_p", "greedy", "uniforms"}
+    names = {t.name for t in sampler.inputs}
+    if names != want or {t.name for t in sampler.outputs} != {"ids", "logprobs"}:
+        raise BundleError(f"bundle.json: model.sampler.io must have inputs {sorted(want)} and outputs ids, logprobs")
+    logits, step = sampler.input("logits"), decoder.output("logits")
+    if (logits.dtype, logits.dims[-1:]) != (step.dtype, step.dims[-1:]):
+        raise BundleError(f"bundle.json: the sampler reads {logits.dtype} logits of width {logits.dims[-1:]}, the step "
+                          f"graph writes {step.dtype} of width {step.dims[-1:]}")
+
+
 def _tokens(manifest: dict, vocab_size: int) -> Tokens:
     block = manifest["emu3"]["tokens"]
     ids, text = {}, {}
@@ -387,15 +401,19 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     _check_decoder_io(manifest, decoder, vocab if logit is None else sum(r[2] for r in logit))
     _check_vq_io(vq_encoder, "vq_encoder", ("pixel_values", 4), ("codes", 3))
     _check_vq_io(vq_decoder, "vq_decoder", ("codes", 3), ("pixel_values", 4))
+    sampler = None
+    if "sampler" in manifest["model"]:   # optional: bundles exported before it run the numpy chain
+        sampler = _graph(manifest, root, "sampler")
+        _check_sampler_io(sampler, decoder)
     files = integrity.listed_files(manifest, root)
     bundle = Bundle(
         root=root, manifest=manifest, decoder=decoder, vq_encoder=vq_encoder, vq_decoder=vq_decoder, tokens=tokens,
         visual_ids=_table(visual), logit_ids=None if logit is None else _table(logit),
         tokenizer_path=inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
         chat_template_path=inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
-        manifest_sha256=digest,
+        manifest_sha256=digest, sampler=sampler,
     )
-    graphs = [decoder.path, vq_encoder.path, vq_decoder.path]
+    graphs = [decoder.path, vq_encoder.path, vq_decoder.path] + ([sampler.path] if sampler else [])
     integrity.check_listed(root, files, graphs + [bundle.tokenizer_path, bundle.chat_template_path], {})
     external = integrity.check_files(root, files, [g.name for g in graphs], force=verify)
     integrity.check_listed(root, files, [], external)

@@ -1,4 +1,4 @@
-"""The decode loop: prefill -> [step -> filter chain -> select -> append] until EOS or the token budget.
+"""The decode loop: prefill -> [step -> pick (filter chain + selector) -> append] until EOS or the token budget.
 
 Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond rows) that go through the step
 engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
@@ -15,10 +15,12 @@ import numpy as np
 from .engines import Engine, EngineError
 from .kv_cache import KVCache
 from .prompt import Batch
-from .sampling import DecodeState, apply_chain
 
 # on_token(step, ids): called after every step with the (B,) ids just chosen
 OnToken = Callable[[int, np.ndarray], None]
+# pick(logits (R, V), generated (B, n)) -> (B,) chosen logits columns: the whole sampling chain, run by numpy
+# (sampling.ChainPicker, the reference) or by the bundle's sampler graph (graph_sampler.GraphSampler.pick)
+Pick = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def decode_step(engine: Engine, cache: KVCache, ids: np.ndarray, step: int, logi
     return _run(engine, cache, ids, np.ones_like(ids), pos, f"decode step {step}")[logits_name]
 
 
-def generate(engine: Engine, cache: KVCache, batch: Batch, chain: list, select, opts: LoopOptions,
+def generate(engine: Engine, cache: KVCache, batch: Batch, pick: Pick, opts: LoopOptions,
              on_token: OnToken | None = None) -> np.ndarray:
     """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
     streams = opts.streams
@@ -70,8 +72,8 @@ def generate(engine: Engine, cache: KVCache, batch: Batch, chain: list, select, 
     tokens = np.zeros((batch.rows // streams, 0), dtype=np.int64)
     done = np.zeros(tokens.shape[0], dtype=bool)
     for step in range(opts.max_new_tokens):
-        scores = apply_chain(chain, logits, DecodeState(generated=tokens))   # (B, V)
-        chosen = select(scores) if opts.logit_ids is None else opts.logit_ids[select(scores)]
+        columns = pick(logits, tokens)                                       # (B,) logits columns
+        chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
         ids = np.where(done, opts.pad_id, chosen)                                # (B,)
         tokens = np.concatenate([tokens, ids[:, None]], axis=1)
         done |= ids == opts.eos_id

@@ -24,9 +24,10 @@ from .bundle import Bundle, BundleError, load_bundle
 from .engines import Engine, OrtEngine, OrtOptions
 from .engines.ort import check_threads
 from .generate import LoopOptions, generate
+from .graph_sampler import GraphSampler
 from .kv_cache import KVCache
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
-from .sampling import Greedy, Sample, VisualGridConstraint, build_chain
+from .sampling import ChainPicker, Greedy, Sample, VisualGridConstraint, build_chain
 
 # The embedded tiny bundle: models/emu3-tiny in a checkout, emu3_rt/models/emu3-tiny in an installed wheel.
 _HERE = Path(__file__).resolve().parent
@@ -300,12 +301,25 @@ class Emu3:
         pixels = self.engines["vq_decoder"].run({"codes": codes})["pixel_values"]
         return imaging.postprocess(pixels, self.image_config)
 
-    def _run(self, batch: Batch, chain: list, select, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
+    def _picker(self, sampling: SamplingOptions, cfg_scale: float, grid: VisualGridConstraint | None,
+                seed: int | None, rows: int):
+        """The step's sampling chain (CFG -> grid -> temperature -> top-k -> top-p -> selector), with the seed used
+        and the per-row seeds: run by the bundle's sampler graph when it has one (only the chosen ids leave the
+        engine), else by numpy. Both give the same ids (tests/test_sampler_graph.py)."""
+        select, seed, seeds = _seeded(sampling, seed, rows)
+        params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, greedy=sampling.greedy)
+        if "sampler" in self.engines:
+            rngs = None if sampling.greedy else select.rngs
+            return GraphSampler(self.engines["sampler"], **params, rng=rngs).pick, seed, seeds
+        return ChainPicker(build_chain(**params), select), seed, seeds
+
+    def _run(self, batch: Batch, pick, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
         cache = KVCache(self.bundle, batch.rows)
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=self.bundle.logit_ids)
-        return generate(self.engines["decoder"], cache, batch, chain, select, opts, on_token)
+        return generate(self.engines["decoder"], cache, batch, pick, opts, on_token)
 
     # ---- chat ----
 
@@ -346,9 +360,7 @@ class Emu3:
                 raise PromptError(f"the prompt is {longest} tokens; the model's context is "
                                   f"{self.bundle.context_length}")
             max_new = min(max_new, room)
-            select, seed, seeds = _seeded(sampling, seed, len(prompts))
-            chain = build_chain(cfg_scale=1.0, grid=None, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, greedy=sampling.greedy)
+            pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts))
             stream = _TextStream(self.prompts, len(prompts), self.bundle.tokens.eos, on_text) if on_text else None
 
             def tick(step, new):
@@ -357,7 +369,7 @@ class Emu3:
                 if on_token:
                     on_token(step, new)
 
-            tokens = self._run(make_batch(ids, None, self.bundle.tokens.pad), chain, select, max_new, 1, tick)
+            tokens = self._run(make_batch(ids, None, self.bundle.tokens.pad), pick, max_new, 1, tick)
         rows = [_until_eos(t, self.bundle.tokens.eos) for t in tokens]
         texts = [self.prompts.decode(r) for r in rows]
         return ChatResult(texts, ids, rows, seed, seeds)
@@ -424,9 +436,7 @@ class Emu3:
             visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
             eos=col(t.eos), pad=col(t.pad), vocab_size=self.bundle.decoder.output("logits").dims[1])
         with self._exclusive("generate_image"):
-            select, seed, seeds = _seeded(sampling, seed, len(prompts))
-            chain = build_chain(cfg_scale=cfg, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, greedy=sampling.greedy)
+            pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts))
             preview = _Preview(self, grids, preview_every, on_preview) if on_preview and preview_every > 0 else None
 
             def tick(step, new):
@@ -435,7 +445,7 @@ class Emu3:
                 if on_token:
                     on_token(step, new)
 
-            tokens = self._run(make_batch(cond, uncond, self.bundle.tokens.pad), chain, select, n_new,
+            tokens = self._run(make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
                                2 if use_cfg else 1, tick)
             images: list[Image.Image | None] = [None] * len(prompts)
             for (h, w) in sorted(set(grids)):
@@ -508,13 +518,16 @@ class _Preview:
 
 
 def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
-         verify: bool = False, device_id: int = 0, prefill_chunk: int | None = None) -> Emu3:
+         verify: bool = False, device_id: int = 0, prefill_chunk: int | None = None,
+         sampler: str | None = None) -> Emu3:
     """Load a bundle (default: the embedded tiny one).
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
     engine "trt": the bundle's own TensorRT plans (built by `python -m export.build_trt`), checked before use.
     Graph sessions are created lazily on first use. Every file's sha256 is checked against bundle.json once per
     file version and remembered (emu3_rt.integrity); verify=True re-hashes everything (about 1 s per GB).
+    sampler "graph": the bundle's sampler graph runs the sampling chain next to the step (only ids leave it);
+    "numpy": the reference chain on the host; None: the graph when the bundle has one and the engine is "ort".
     """
     # every argument is checked before the bundle is read
     if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):
@@ -524,11 +537,17 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
             raise TypeError(f"{name} must be str, got {_kind(value)}")
     if engine not in ("ort", "trt"):
         raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
+    if sampler not in (None, "graph", "numpy"):
+        raise ValueError(f"sampler must be 'graph', 'numpy' or None, got {sampler!r:.40}")
     threads, verify = check_threads(threads), _flag("verify", verify)
     device_id = _int("device_id", device_id, 0)
     prefill_chunk = None if prefill_chunk is None else _int("prefill_chunk", prefill_chunk, 1)
     bundle = load_bundle(DEFAULT_BUNDLE if bundle_dir is None else bundle_dir, verify=verify)
-    keys = ("decoder", "vq_encoder", "vq_decoder")
+    if sampler == "graph" and (bundle.sampler is None or engine != "ort"):
+        raise ValueError("sampler='graph' needs a bundle exported with a sampler graph and engine 'ort'"
+                         if bundle.sampler is None else "the sampler graph runs on engine 'ort' only (for now)")
+    use_graph = sampler == "graph" or (sampler is None and bundle.sampler is not None and engine == "ort")
+    keys = ("decoder", "vq_encoder", "vq_decoder") + (("sampler",) if use_graph else ())
     if engine == "ort":
         opts = OrtOptions(device=device, threads=threads, device_id=device_id)
         engines = {key: OrtEngine(getattr(bundle, key), opts) for key in keys}

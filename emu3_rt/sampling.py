@@ -265,3 +265,14 @@ def apply_chain(chain: list[LogitsFilter], logits: np.ndarray, state: DecodeStat
     for f in chain:
         logits = f(logits, state)
     return logits
+
+
+class ChainPicker:
+    """The numpy reference for one decode step: the filter chain, then the selector.
+    pick(logits (R, V), generated (B, n)) -> (B,) chosen columns."""
+
+    def __init__(self, chain: list[LogitsFilter], select):
+        self.chain, self.select = chain, select
+
+    def __call__(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        return self.select(apply_chain(self.chain, logits, DecodeState(generated=generated)))

@@ -12,6 +12,8 @@ from pathlib import Path
 from emu3_rt.bundle import sha256_file
 
 from .export_onnx import GraphSpec
+from .sampler_graph import OPSET as SAMPLER_OPSET
+from .sampler_graph import column_kinds, sampler_io, write_sampler_graph
 
 SCHEMA_VERSION = 2  # emu3_rt.bundle.SCHEMA_VERSIONS says what changed
 BUNDLE_FORMAT = "emu3-bundle"
@@ -166,11 +168,28 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
             "source_config_sha256": sha256_file(checkpoint / "config.json"),
         },
     }
+    manifest["model"]["sampler"] = write_sampler(out_dir, manifest, head_ids)
     manifest["files"] = {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "bundle.json"
     }
     return manifest
+
+
+def write_sampler(out_dir: Path, manifest: dict, head_ids: list[int] | None) -> dict:
+    """sampler.onnx: the decode step's sampling chain as a graph over the step graph's logits columns (the whole
+    vocabulary, or the visual head's columns), with the grid kinds of Emu3's ids baked in; its manifest block."""
+    tokens = {role: entry["id"] for role, entry in manifest["emu3"]["tokens"].items()}
+    visual = [i for first, tid, n in manifest["emu3"]["visual_token_runs"] for i in range(tid, tid + n)]
+    ids = list(range(manifest["model"]["vocab_size"])) if head_ids is None else list(head_ids)
+    column = {tid: col for col, tid in enumerate(ids)}                 # token id -> logits column
+    kinds = column_kinds(len(ids), visual_ids=[column[i] for i in visual],
+                         **{role: column[tokens[role]] for role in ("eol", "eof", "eoi", "eos", "pad")})
+    path = write_sampler_graph(out_dir / "sampler.onnx", kinds)
+    io = sampler_io()
+    for t in io["inputs"]:   # the width is fixed by the table baked into the graph
+        t["dims"] = [len(ids) if d == "vocab" else d for d in t["dims"]]
+    return {"filename": path.name, "opset": SAMPLER_OPSET, "io": io}
 
 
 def write_manifest(manifest: dict, out_dir: Path) -> Path:

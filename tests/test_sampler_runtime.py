@@ -1,0 +1,100 @@
+"""The bundle's sampler graph drives the decode loop: same tokens as the numpy reference chain (greedy and seeded
+sampling, CFG, grids of different sizes in one batch, chat), one sampler call per step, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import emu3_rt
+from emu3_rt.bundle import BundleError, load_bundle
+from emu3_rt.engines import ort
+
+from .conftest import TINY_BUNDLE
+
+GREEDY = emu3_rt.SamplingOptions(greedy=True)
+SAMPLED = [emu3_rt.SamplingOptions(), emu3_rt.SamplingOptions(top_k=5, top_p=0.8, temperature=0.7),
+           emu3_rt.SamplingOptions(top_k=1)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return emu3_rt.load(TINY_BUNDLE), emu3_rt.load(TINY_BUNDLE, sampler="numpy")
+
+
+def test_checked_in_bundle_has_a_sampler_graph(models):
+    graph, numpy = models
+    assert "sampler" in graph.engines and "sampler" not in numpy.engines
+
+
+@pytest.mark.parametrize("sampling", [GREEDY] + SAMPLED)
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_images_equal_numpy_chain(models, sampling, cfg):
+    graph, numpy = models
+    kw = dict(cfg_scale=cfg, ratio=["1:1", "3:2"], image_area=64 * 64, sampling=sampling, seed=11)
+    a = graph.generate_image(["a red cat", "a blue car"], **kw)
+    b = numpy.generate_image(["a red cat", "a blue car"], **kw)
+    assert a.tokens == b.tokens and a.seeds == b.seeds
+
+
+@pytest.mark.parametrize("sampling", [GREEDY] + SAMPLED)
+def test_chat_equals_numpy_chain(models, sampling):
+    graph, numpy = models
+    a = graph.chat(["hello there", "a longer question about things"], sampling=sampling, max_new_tokens=12, seed=4)
+    b = numpy.chat(["hello there", "a longer question about things"], sampling=sampling, max_new_tokens=12, seed=4)
+    assert a.tokens == b.tokens
+
+
+def test_one_sampler_call_per_step_and_no_logits_chain_on_host(models, monkeypatch):
+    graph, _ = models
+    calls = []
+    real = ort.OrtEngine.run
+
+    def run(self, feeds):
+        calls.append(self.spec.path.name)
+        out = real(self, feeds)
+        if self.spec.path.name == "sampler.onnx":
+            assert set(out) == {"ids", "logprobs"} and out["ids"].shape == (1,)
+        return out
+
+    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    r = graph.generate_image("x", cfg_scale=3.0, image_area=64 * 64, sampling=emu3_rt.SamplingOptions(), seed=1)
+    steps = len(r.tokens[0])
+    assert calls.count("sampler.onnx") == steps
+    assert calls.count("decoder_step.onnx") == steps  # one prefill chunk + steps - 1 decode steps
+
+
+def test_graph_sampler_refused_without_a_graph(bundle_copy):
+    m = json.loads((bundle_copy / "bundle.json").read_text())
+    del m["model"]["sampler"]
+    (bundle_copy / "bundle.json").write_text(json.dumps(m))
+    assert load_bundle(bundle_copy).sampler is None
+    assert "sampler" not in emu3_rt.load(bundle_copy).engines           # older bundles: the numpy chain
+    with pytest.raises(ValueError, match="needs a bundle exported with a sampler graph"):
+        emu3_rt.load(bundle_copy, sampler="graph")
+    with pytest.raises(ValueError, match="sampler must be"):
+        emu3_rt.load(bundle_copy, sampler="gpu")
+
+
+def test_sampler_io_must_match_the_step_graph(bundle_copy):
+    m = json.loads((bundle_copy / "bundle.json").read_text())
+    m["model"]["sampler"]["io"]["inputs"][0]["dims"][-1] = 7
+    (bundle_copy / "bundle.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="the sampler reads float32 logits of width"):
+        load_bundle(bundle_copy)
+
+
+def test_engine_failure_in_the_sampler_names_the_step(models, monkeypatch):
+    graph, _ = models
+    real = ort.OrtEngine.run
+
+    def run(self, feeds):
+        if self.spec.path.name == "sampler.onnx" and feeds["kinds"].size and np.all(feeds["kinds"] == 1):
+            raise emu3_rt.EngineError("sampler.onnx: run failed (injected)")
+        return real(self, feeds)
+
+    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    with pytest.raises(emu3_rt.EngineError, match="sampler.onnx"):
+        graph.generate_image("x", cfg_scale=1.0, image_area=64 * 64, sampling=GREEDY)
