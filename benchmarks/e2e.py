@@ -10,7 +10,6 @@ is built and exported once into benchmarks/.cache/. Every emu3_rt result is asse
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -246,18 +245,30 @@ def attention_only_ms(bundle, context: int, rows: int, threads: int, repeats: in
 
 def main(argv: list[str] | None = None) -> int:
     global ref_ck
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=CONFIGS, default="mid")
-    ap.add_argument("--grid", nargs=2, type=int, default=[16, 16], metavar=("H", "W"))
-    ap.add_argument("--variant", choices=sorted(E2E_VARIANTS), default="opset18")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chat-tokens", type=int, default=64)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096, 8192])
-    ap.add_argument("--repeats", type=int, default=2)
+    from emu3_rt.cli import int_in, tool_parser
+    from emu3_rt.engines.ort import MAX_THREADS
+
+    ap = tool_parser("python -m benchmarks.e2e", __doc__)
+    ap.add_argument("--config", choices=CONFIGS, default="mid",
+                    help="seeded checkpoint: tiny, mid (real vocabulary and codebook), or mid-trained "
+                         "(python -m benchmarks.train)")
+    ap.add_argument("--grid", nargs=2, type=int_in(1, 1024), default=[16, 16], metavar=("H", "W"),
+                    help="image size in VQ codes, rows and columns (default: 16 16)")
+    ap.add_argument("--variant", choices=sorted(E2E_VARIANTS), default="opset18",
+                    help="bundle to time: opset18 (what python -m export writes), opset23 (fused attention), "
+                         "concat (KV returned as past + new)")
+    ap.add_argument("--threads", type=int_in(1, MAX_THREADS), default=2,
+                    help="CPU threads for both torch and onnxruntime")
+    ap.add_argument("--chat-tokens", type=int_in(1), default=64, help="new tokens per chat reply")
+    ap.add_argument("--contexts", type=int_in(1), nargs="+", default=[64, 1024, 4096, 8192], metavar="N",
+                    help="context lengths at which to time one decode step (default: 64 1024 4096 8192)")
+    ap.add_argument("--repeats", type=int_in(1), default=2, help="runs per measurement; the best one counts")
     ap.add_argument("--visual-head", action="store_true", help="also time images on a --head visual bundle")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None, help="PNG of ms/step vs context (needs matplotlib: the bench extra)")
-    ap.add_argument("--from-json", default=None, help="only draw --plot from an earlier run's --json output")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
+    ap.add_argument("--plot", default=None, metavar="OUT.png",
+                    help="PNG of ms/step vs context (needs matplotlib: the bench extra)")
+    ap.add_argument("--from-json", default=None, metavar="IN",
+                    help="only redraw the plot from an earlier run's --json output, into --plot or steps.png")
     args = ap.parse_args(argv)
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())

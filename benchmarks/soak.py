@@ -7,7 +7,6 @@ Prints RSS (MiB) and open fds at start (after a warm-up call of each kind), midd
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -34,11 +33,13 @@ def open_fds() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", default=None)
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--chats", type=int, default=200)
-    ap.add_argument("--json", default=None)
+    from emu3_rt.cli import int_in, tool_parser
+
+    ap = tool_parser("python -m benchmarks.soak", __doc__)
+    ap.add_argument("--bundle", default=None, help="bundle directory (default: the embedded tiny bundle)")
+    ap.add_argument("--images", type=int_in(1), default=200, help="images to generate")
+    ap.add_argument("--chats", type=int_in(1), default=200, help="chat replies to generate")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the samples as JSON to OUT")
     args = ap.parse_args(argv)
 
     model = emu3_rt.load(args.bundle)

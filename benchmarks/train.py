@@ -17,7 +17,6 @@ calibration target for quantization fidelity, built by code, seeded, no download
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -107,9 +106,12 @@ def margins(checkpoint: Path, prompts: list[str], tokens: int = 32) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--seed", type=int, default=0)
+    from emu3_rt.cli import SEED_MAX, int_in, tool_parser
+
+    ap = tool_parser("python -m benchmarks.train", __doc__)
+    ap.add_argument("--steps", type=int_in(1), default=600, help="optimizer steps (about a second each on a CPU)")
+    ap.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
+                    help="seeds the batches and sampled negatives (default: 0)")
     args = ap.parse_args(argv)
     from .variants import CHATS
 

@@ -9,7 +9,6 @@ and long context, and fidelity against the fp32 bundle: greedy token agreement (
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -106,15 +105,25 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=CONFIGS, default="mid")
+    from emu3_rt.cli import int_in, tool_parser
+    from emu3_rt.engines.ort import MAX_THREADS
+
+    ap = tool_parser("python -m benchmarks.variants", __doc__)
+    ap.add_argument("--config", choices=CONFIGS, default="mid",
+                    help="seeded checkpoint: tiny, mid (real vocabulary and codebook), or mid-trained "
+                         "(python -m benchmarks.train)")
+    choices = [v for v in VARIANTS if v != "base"]
     ap.add_argument("--variants", nargs="+", default=["concat", "opset23", "visual", "int8", "int4"],
-                    choices=[v for v in VARIANTS if v != "base"])
-    ap.add_argument("--grid", nargs=2, type=int, default=[16, 16])
-    ap.add_argument("--chat-tokens", type=int, default=32)
-    ap.add_argument("--contexts", nargs="+", type=int, default=[64, 1024, 8192])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+                    choices=choices, metavar="VARIANT",
+                    help=f"bundles to compare with the base one (fp32, opset 18, KV buffer), among "
+                         f"{', '.join(choices)} (default: concat opset23 visual int8 int4)")
+    ap.add_argument("--grid", nargs=2, type=int_in(1, 1024), default=[16, 16], metavar=("H", "W"),
+                    help="image size in VQ codes, rows and columns (default: 16 16)")
+    ap.add_argument("--chat-tokens", type=int_in(1), default=32, help="new tokens per chat reply")
+    ap.add_argument("--contexts", nargs="+", type=int_in(1), default=[64, 1024, 8192], metavar="N",
+                    help="context lengths at which to time one decode step (default: 64 1024 8192)")
+    ap.add_argument("--threads", type=int_in(1, MAX_THREADS), default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     args = ap.parse_args(argv)
 
     import emu3_rt

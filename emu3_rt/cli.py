@@ -38,7 +38,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or hidden or not action.option_strings:
             return text
         return f"{text} (default: {action.default})"
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-id", type=int_in(0), default=0, help="GPU ordinal (default: 0)")
     g.add_argument("--threads", type=_threads, default=0,
                    help="intra-op threads, at most max(64, 4 x CPUs) (default: 0, onnxruntime's choice)")
+    g.add_argument("--sampler", choices=["graph", "numpy"], default=None,
+                   help="where the sampling chain runs: the bundle's sampler graph, next to the step (default when "
+                        "the bundle has one and --engine is ort), or numpy on the host (the reference)")
     g.add_argument("--verify", action="store_true",
                    help="re-hash every bundle file (by default only files changed since their last check are)")
     s = common.add_argument_group("sampling (defaults: the bundle's search section)")
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
-                     device_id=args.device_id)
+                     device_id=args.device_id, sampler=args.sampler)
         if args.bundle is None:
             _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
                         "(pass --bundle DIR for a real model)")

@@ -8,7 +8,8 @@ leaves a bundle that looks finished.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import json
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VARIANTS = {18: "opset18", 23: "opset23-fused"}  # 23: ONNX Attention / RMSNormalization / RotaryEmbedding
 HEADS = ("full", "visual")
+EXPORT_EXTRA = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # what `.[export]` installs
 
 
 class ExportError(RuntimeError):
@@ -61,12 +63,29 @@ def _versions() -> dict:
             "onnxscript": onnxscript.__version__}
 
 
+def check_checkpoint(checkpoint: Path) -> None:
+    """Fail in one line, before torch loads, when `checkpoint` is not a Transformers Emu3 -hf directory."""
+    if not checkpoint.exists():
+        raise ExportError(f"{checkpoint}: checkpoint directory does not exist")
+    if not checkpoint.is_dir():
+        raise ExportError(f"{checkpoint}: not a directory; expected a Transformers Emu3 -hf checkpoint directory")
+    if not (checkpoint / "config.json").is_file():
+        raise ExportError(f"{checkpoint}: no config.json; expected a Transformers Emu3 -hf checkpoint directory")
+    try:
+        model_type = json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ExportError(f"{checkpoint}/config.json: not a JSON object ({e})") from None
+    if model_type != "emu3":
+        # the original BAAI/Emu3-* releases say "Emu3" and need trust_remote_code
+        hint = " (an original remote-code release: use its -hf conversion)" if model_type == "Emu3" else ""
+        raise ExportError(f"{checkpoint}: config.json has model_type {model_type!r}, not 'emu3'{hint}; expected a "
+                          "Transformers Emu3 -hf checkpoint such as BAAI/Emu3-Gen-hf or BAAI/Emu3-Chat-hf")
+
+
 def load_checkpoint(checkpoint: Path, dtype: str):
     import torch
     from transformers import AutoProcessor, Emu3ForConditionalGeneration
 
-    if not (checkpoint / "config.json").is_file():
-        raise ExportError(f"{checkpoint}: no config.json; expected a Transformers Emu3 -hf checkpoint directory")
     torch_dtype = getattr(torch, DTYPES[dtype])
     model = Emu3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch_dtype).eval()
     # The VQ stays float32: it is small next to the text model, and its argmin codes are precision-sensitive.
@@ -130,12 +149,14 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
                           "use --verify-device cuda on a GPU machine, or --dtype fp16")
     verify.set_device(options.verify_device)
     checkpoint, out = Path(checkpoint), Path(out)
+    check_checkpoint(checkpoint)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
 
     t0 = time.perf_counter()
+    log(f"loading {checkpoint} ...")
     model, processor = load_checkpoint(checkpoint, options.dtype)
-    log(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s")
+    log(f"loading {checkpoint} ... {time.perf_counter() - t0:.1f} s")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     work.chmod(0o755)  # mkdtemp makes it 0700
@@ -143,15 +164,21 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         vq = model.model.vqmodel
         head_ids = visual_head_ids(model, processor) if options.head == "visual" else None
         specs = {}
-        for name, fn in (("vq_encoder", lambda: export_onnx.export_vq_encoder(vq, work, 18)),
-                         ("vq_decoder", lambda: export_onnx.export_vq_decoder(vq, work, 18)),
-                         ("decoder_step", lambda: export_onnx.export_decoder_step(model, work, options.opset,
-                                                                                  head_ids, options.kv_cache))):
+        graphs = (("vq_encoder", lambda: export_onnx.export_vq_encoder(vq, work, 18)),
+                  ("vq_decoder", lambda: export_onnx.export_vq_decoder(vq, work, 18)),
+                  ("decoder_step", lambda: export_onnx.export_decoder_step(model, work, options.opset,
+                                                                           head_ids, options.kv_cache)))
+        # each graph takes seconds to a minute on a tiny checkpoint and minutes on a real one: a line before and after
+        for i, (name, fn) in enumerate(graphs, 1):
             t = time.perf_counter()
+            log(f"{name} ({i}/{len(graphs)}) ...")
             specs[name] = fn()
-            log(f"exported {specs[name].file} in {time.perf_counter() - t:.1f}s")
+            log(f"{name} ({i}/{len(graphs)}) ... {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        log("parity checks against the checkpoint ...")
         checks = verify.verify_vq(vq, work) + verify.verify_decoder_step(model, work, head_ids=head_ids,
                                                                            kv_cache=options.kv_cache)
+        log(f"parity checks against the checkpoint ... {time.perf_counter() - t:.1f} s")
         log(verify.format_table(checks))
         failed = [c for c in checks if not c.ok]
         if failed:
@@ -179,23 +206,76 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return manifest, checks
 
 
+def quiet_third_party():
+    """Silence, for the CLI's run only, what torch.onnx and transformers print that a user cannot act on: the
+    torch.onnx registry's "torchvision is not installed" lines and transformers' load/save progress bars."""
+    import logging
+
+    import torch  # noqa: F401 - importing torch resets its loggers' levels, so it must come first
+    from transformers.utils import logging as hf_logging
+
+    stack = contextlib.ExitStack()
+    onnx_log = logging.getLogger("torch.onnx")
+    level, bars = onnx_log.level, hf_logging.is_progress_bar_enabled()
+    onnx_log.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    stack.callback(onnx_log.setLevel, level)
+    stack.callback(hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)
+    return stack
+
+
+class StageLog:
+    """Prints a tool's progress lines on stderr. On a terminal the "name ... 12.3 s" line that ends a stage
+    completes its "name ..." line instead of adding one; in a log file both lines stay."""
+
+    def __init__(self, prog: str, quiet: bool = False):
+        self.prog, self.quiet, self.tty, self.open = prog, quiet, sys.stderr.isatty(), None
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.open is not None and self.tty and msg.startswith(self.open):
+            sys.stderr.write(msg[len(self.open):] + "\n")
+        else:
+            if self.open is not None and self.tty:
+                sys.stderr.write("\n")
+            starts = msg.endswith(" ...") and self.tty
+            text = msg if "\n" in msg else f"{self.prog}: {msg}"  # tables (the parity checks) stay aligned
+            sys.stderr.write(text + ("" if starts else "\n"))
+        self.open = msg if msg.endswith(" ...") else None
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        """End an open "name ..." line (before an error message)."""
+        if self.open is not None and self.tty and not self.quiet:
+            sys.stderr.write("\n")
+        self.open = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, type=Path, help="Emu3 -hf checkpoint directory")
+    from emu3_rt.cli import int_in, tool_parser
+
+    ap = tool_parser("python -m export", __doc__)
+    ap.add_argument("--checkpoint", required=True, type=Path,
+                    help="Transformers Emu3 -hf checkpoint directory (e.g. a download of BAAI/Emu3-Gen-hf)")
     ap.add_argument("--out", required=True, type=Path, help="bundle directory to write, e.g. models/emu3-gen")
-    ap.add_argument("--opset", type=int, choices=sorted(VARIANTS), default=18)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="decoder-step weights and KV cache")
-    ap.add_argument("--image-area", type=int, default=None, help="default text-to-image area in pixels")
+    ap.add_argument("--opset", type=int_in(0), choices=sorted(VARIANTS), default=18,
+                    help="ONNX opset of the decoder step: 18 is portable (TensorRT), 23 fuses attention for ORT CPU")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="decoder-step weights and KV cache (the VQ graphs and logits stay fp32)")
+    ap.add_argument("--image-area", type=int_in(64), default=None,
+                    help="text-to-image area in pixels when a request names none "
+                         "(default: min(720*720, the processor's max_pixels))")
     ap.add_argument("--head", choices=HEADS, default="full",
                     help="visual: an image-generation-only bundle whose step graph scores only visual + control ids")
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                    help="weight-only MatMulNBits quantization of the decoder step (lm_head stays int8)")
-    ap.add_argument("--block-size", type=int, default=32, help="weights per quantization block")
+                    help="weight-only MatMulNBits quantization of the decoder step (lm_head int8; default: none)")
+    ap.add_argument("--block-size", type=int_in(16, 4096), default=32,
+                    help="weights per quantization block, a power of two (with --quantize)")
     ap.add_argument("--quantize-embeddings", action="store_true",
                     help="with --quantize: also the token embeddings, as int4 blocks")
     ap.add_argument("--kv-cache", choices=["buffer", "concat"], default="buffer",
@@ -204,17 +284,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-device", choices=["cpu", "cuda"], default="cpu",
                     help="where the parity checks run (bf16 needs cuda)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines or parity table, only errors")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="show tracebacks, and the third-party progress bars and log lines export hides")
     args = ap.parse_args(argv)
+    if args.block_size & (args.block_size - 1):
+        ap.error(f"argument --block-size: must be a power of two, got {args.block_size}")
     options = ExportOptions(opset=args.opset, dtype=args.dtype, image_area=args.image_area, overwrite=args.overwrite,
                             head=args.head, quantize=args.quantize, block_size=args.block_size,
                             verify_device=args.verify_device, quantize_embeddings=args.quantize_embeddings,
                             kv_cache=args.kv_cache)
+    log = StageLog("export", args.quiet)
     try:
-        build_bundle(args.checkpoint, args.out, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+        check_checkpoint(args.checkpoint)  # before torch loads: a wrong path fails in a blink
+        with contextlib.nullcontext() if args.verbose else quiet_third_party():
+            build_bundle(args.checkpoint, args.out, options, log=log)
+    except KeyboardInterrupt:
+        log.close()
+        print(f"{ap.prog}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line and exit 2
         if args.verbose:
             raise
-        print(f"export: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        log.close()
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in EXPORT_EXTRA:
+            message = f"needs the export extra (pip install -e '.[export]'): no module named {e.name!r}"
+        else:
+            message = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {e}"
+        print(f"{ap.prog}: error: {message}".splitlines()[0], file=sys.stderr)
         return 2
     return 0

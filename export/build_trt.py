@@ -10,9 +10,9 @@ The decoder step gets two optimization profiles: prefill (seq 1..prefill_chunk, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from emu3_rt.bundle import sha256_file
@@ -72,39 +72,74 @@ def build_plan(onnx_path: Path, plan_path: Path, profiles: list[dict], workspace
     plan_path.write_bytes(bytes(plan))
 
 
+GRAPHS = ("decoder_step", "vq_encoder", "vq_decoder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.build_trt", description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", required=True, type=Path)
-    ap.add_argument("--graphs", nargs="+", default=["decoder_step", "vq_encoder", "vq_decoder"],
-                    choices=["decoder_step", "vq_encoder", "vq_decoder"])
-    ap.add_argument("--max-batch", type=int, default=2)
-    ap.add_argument("--max-image-side", type=int, default=1024, help="largest image side in pixels")
+    from emu3_rt.cli import int_in, tool_parser
+
+    from .build import StageLog
+
+    ap = tool_parser("python -m export.build_trt", __doc__)
+    ap.add_argument("--bundle", required=True, type=Path, help="bundle directory written by python -m export")
+    ap.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=GRAPHS, metavar="GRAPH",
+                    help=f"graphs to build plans for, among {', '.join(GRAPHS)} (default: all three)")
+    ap.add_argument("--max-batch", type=int_in(1, 1024), default=2,
+                    help="most rows per call: 2 x prompts under CFG (default: 2, one prompt with CFG)")
+    ap.add_argument("--max-image-side", type=int_in(8, 8192), default=1024,
+                    help="largest image side in pixels, a multiple of 8 (the VQ graphs' profile)")
+    ap.add_argument("--workspace-gb", type=int_in(1, 1024), default=8, help="TensorRT builder workspace in GiB")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only errors")
     args = ap.parse_args(argv)
+    if args.max_image_side % 8:
+        ap.error(f"argument --max-image-side: must be a multiple of 8, got {args.max_image_side}")
+    error = f"{ap.prog}: error:"
+    if not args.bundle.is_dir():
+        print(f"{error} {args.bundle}: bundle directory does not exist", file=sys.stderr)
+        return 2
+    if not (args.bundle / "bundle.json").is_file():
+        print(f"{error} {args.bundle}: no bundle.json; expected a bundle written by python -m export", file=sys.stderr)
+        return 2
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
     except ImportError:
-        print("build_trt: error: needs the trt extra (tensorrt + cuda-python) and a GPU", file=sys.stderr)
+        print(f"{error} needs the trt extra (tensorrt + cuda-python) and a GPU", file=sys.stderr)
         return 2
     manifest = json.loads((args.bundle / "bundle.json").read_text())
     err, prop = cudart.cudaGetDeviceProperties(0)
     if int(err) != 0:
-        print(f"build_trt: error: no CUDA device ({err})", file=sys.stderr)
+        print(f"{error} no CUDA device ({err})", file=sys.stderr)
         return 2
     sm = f"{prop.major}.{prop.minor}"
     out_dir = args.bundle / "trt"
     out_dir.mkdir(exist_ok=True)
     record = {"tensorrt": trt.__version__, "sm": sm, "gpu": prop.name.decode(errors="replace").strip("\x00"),
               "plans": {}}
-    for graph in args.graphs:
-        key = "decoder" if graph == "decoder_step" else graph
-        onnx_path = args.bundle / manifest["model"][key]["filename"]
-        plan_path = out_dir / f"{graph}.sm{sm.replace('.', '')}.trt{trt.__version__}.plan"
-        build_plan(onnx_path, plan_path, _profiles(manifest, key, args.max_batch, args.max_image_side))
-        record["plans"][key] = {"filename": plan_path.name, "sha256": sha256_file(plan_path),
-                                "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]}
-        print(f"built {plan_path}", file=sys.stderr)
+    log = StageLog("build_trt", args.quiet)
+    try:
+        # a plan takes minutes to build on a real bundle: a line before and after each
+        for i, graph in enumerate(args.graphs, 1):
+            key = "decoder" if graph == "decoder_step" else graph
+            onnx_path = args.bundle / manifest["model"][key]["filename"]
+            plan_path = out_dir / f"{graph}.sm{sm.replace('.', '')}.trt{trt.__version__}.plan"
+            t = time.perf_counter()
+            log(f"{graph} ({i}/{len(args.graphs)}) ...")
+            build_plan(onnx_path, plan_path, _profiles(manifest, key, args.max_batch, args.max_image_side),
+                       args.workspace_gb)
+            log(f"{graph} ({i}/{len(args.graphs)}) ... {time.perf_counter() - t:.1f} s")
+            record["plans"][key] = {"filename": plan_path.name, "sha256": sha256_file(plan_path),
+                                    "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]}
+    except KeyboardInterrupt:
+        log.close()
+        print(f"{ap.prog}: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        log.close()
+        print(f"{error} {e}".splitlines()[0], file=sys.stderr)
+        return 2
     (out_dir / "plans.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"wrote {out_dir / 'plans.json'}")
     return 0
 
 

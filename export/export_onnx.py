@@ -73,8 +73,13 @@ def vq_decoder_specs() -> GraphSpec:
 
 @contextlib.contextmanager
 def _quiet():
+    """Hide, during one export only, the warnings the exporter raises that we cannot act on: deprecations inside
+    torch's pytree and tracer, and torch.onnx's notes that several inputs share a Dim (intended here). Warnings
+    raised from export/ itself still show."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnxscript|onnx|transformers)(\.|$)")
         yield
 
 
@@ -127,6 +132,11 @@ def _rename_and_check_dims(path: Path, spec: GraphSpec) -> None:
             if d.HasField("dim_param") and d.dim_param in renames:
                 d.dim_param = renames[d.dim_param]
     _drop_stack_traces(g)
+    # torch prints the exported program's range constraints in set order, which follows PYTHONHASHSEED: dropped
+    # (debug text only), so that the same checkpoint always gives the same bytes
+    kept = [p for p in g.metadata_props if p.key != "pkg.torch.export.ExportedProgram.range_constraints"]
+    del g.metadata_props[:]
+    g.metadata_props.extend(kept)
     onnx.save(model, str(path), save_as_external_data=False) if not _has_external(model) else \
         onnx.save(model, str(path))
 

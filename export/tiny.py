@@ -11,9 +11,10 @@ real order (pad, im_start, im_end, 205 extras with extra_0 renamed `<image>`, IM
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,12 +212,33 @@ def _randomize_batchnorm(model, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a seeded random Emu3 -hf checkpoint.")
-    ap.add_argument("out")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
+    from emu3_rt.cli import SEED_MAX, int_in, tool_parser
+
+    from .build import quiet_third_party
+
+    ap = tool_parser("python -m export.tiny", __doc__.split("\n\n")[0] + " Its weights are random: "
+                     "bundles exported from it produce noise, by design.")
+    ap.add_argument("out", type=Path, help="checkpoint directory to write (created; files in it are replaced)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="network and vocabulary sizes: tiny (the checked-in bundle's), tiny-mha, tiny-realvocab "
+                         "(the real 184,622-id layout), mid (benchmarks)")
+    ap.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
+                    help="seeds the tokenizer corpus and the weights (default: 0)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and transformers' progress bars")
     args = ap.parse_args(argv)
-    build_checkpoint(args.out, args.preset, args.seed)
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"argument out: {args.out} exists and is not a directory")
+    try:
+        with contextlib.nullcontext() if args.verbose else quiet_third_party():
+            build_checkpoint(args.out, args.preset, args.seed)
+    except KeyboardInterrupt:
+        print(f"{ap.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line and exit 2, as every tool of the project
+        if args.verbose:
+            raise
+        print(f"{ap.prog}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 2
     return 0
 
 

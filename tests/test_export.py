@@ -145,7 +145,7 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "no config.json" in lines[0], r.stderr
+    assert len(lines) == 1 and "checkpoint directory does not exist" in lines[0], r.stderr
     assert not (tmp_path / "b").exists()
 
 

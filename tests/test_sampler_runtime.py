@@ -98,3 +98,14 @@ def test_engine_failure_in_the_sampler_names_the_step(models, monkeypatch):
     monkeypatch.setattr(ort.OrtEngine, "run", run)
     with pytest.raises(emu3_rt.EngineError, match="sampler.onnx"):
         graph.generate_image("x", cfg_scale=1.0, image_area=64 * 64, sampling=GREEDY)
+
+
+def test_cli_sampler_choice_gives_the_same_image(tmp_path, capsys):
+    from emu3_rt.cli import main
+
+    for choice in ("graph", "numpy"):
+        assert main(["generate-image", "--prompt", "x", "--seed", "9", "--image-area", "4096", "--sampler", choice,
+                     "-o", str(tmp_path / f"{choice}.png"), "-q"]) == 0
+    assert (tmp_path / "graph.png").read_bytes() != b""
+    assert (tmp_path / "graph.png").read_bytes().replace(b"graph", b"") == (tmp_path / "numpy.png").read_bytes(
+    ).replace(b"numpy", b"")
