@@ -103,13 +103,37 @@ def bench_image(hf_model, processor, model, grid, repeats, visual=None):
     t_rt, r = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
                                                              ratio=ratio, image_area=area, sampling=greedy))
     assert r.tokens == hf_tokens, "emu3_rt and Transformers disagree on the image tokens"
-    out = {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt}
+    # what users run: the bundle's default chain (CFG 3 -> grid -> top-k 2048 -> seeded sample)
+    default = SamplingOptions.from_bundle(model.bundle)
+    t_def, _ = best_of(repeats, lambda: model.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
+                                                              ratio=ratio, image_area=area, sampling=default, seed=0))
+    out = {"grid": [h, w], "tokens": len(r.tokens[0]), "hf_s": t_hf, "emu3_rt_s": t_rt, "speedup": t_hf / t_rt,
+           "default_chain_s": t_def, "default_vs_greedy": t_def / t_rt, "default_speedup": t_hf / t_def,
+           "cli_s": cli_image_seconds(model.bundle.root, prompt, ratio, area), "sampler": sampler_kind(model)}
+    out["cli_speedup"] = t_hf / out["cli_s"]
     if visual is not None:  # the same image through a --head visual bundle
         t_v, rv = best_of(repeats, lambda: visual.generate_image(prompt, negative_prompt=NEGATIVE, cfg_scale=3.0,
                                                                   ratio=ratio, image_area=area, sampling=greedy))
         assert rv.tokens == hf_tokens, "the visual-head bundle and Transformers disagree on the image tokens"
         out.update(visual_head_s=t_v, visual_head_speedup=t_hf / t_v)
     return out
+
+
+def sampler_kind(model) -> str:
+    return "graph" if "sampler" in model.engines else "numpy"
+
+
+def cli_image_seconds(bundle: Path, prompt: str, ratio: str, area: int, repeats: int = 2) -> float:
+    """Wall time of `emu3-rt generate-image` with the bundle's defaults (CFG 3, top-k 2048, sampling), process
+    start, imports, load and the PNG write included: what a user waits for."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "emu3_rt", "generate-image", "--bundle", str(bundle), "--prompt", prompt,
+               "--ratio", ratio, "--image-area", str(area), "--negative-prompt", NEGATIVE, "--cfg-scale", "3",
+               "--seed", "0", "-o", str(Path(tmp) / "x.png"), "-q"]
+        return best_of(repeats, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))[0]
 
 
 def bench_chat(model, new_tokens, repeats):
@@ -149,7 +173,7 @@ def bench_prefill(hf_model, model, length, repeats):
     return {"prompt": length, "hf_ms": 1e3 * t_hf, "emu3_rt_ms": 1e3 * t_rt, "speedup": t_hf / t_rt}
 
 
-def bench_steps(hf_model, model, context, rows=1, hf_steps=16):
+def bench_steps(hf_model, model, context, rows=1, hf_steps=16, greedy=False):
     """ms per decode step at a given context, split into engine time and host (numpy) time; and HF's.
 
     emu3_rt runs KV_BLOCK steps, so the one buffer growth per block (a copy of the whole cache) is in the
@@ -157,31 +181,54 @@ def bench_steps(hf_model, model, context, rows=1, hf_steps=16):
 
     rows=2 is a CFG step: emu3_rt runs cond + uncond as one 2-row call; Transformers runs the unconditional
     forward separately with its own cache (UnbatchedClassifierFreeGuidanceLogitsProcessor), so two calls.
+
+    Sampling is the bundle's default chain, as users get it (plain: top-k 2048 + sample, as chat; CFG: CFG 3 ->
+    16x16 grid -> top-k 2048 -> sample, as an image), on the model's sampler (graph or numpy); greedy=True times
+    the argmax chain instead. "sampler" is the sampler graph's own run time, "host" everything else outside the
+    step graph (numpy chain when there is no graph, KV writes, feeds).
     """
     import torch
     from transformers import DynamicCache
 
+    from emu3_rt import SamplingOptions
     from emu3_rt.generate import decode_step, prefill
     from emu3_rt.kv_cache import KV_BLOCK, KVCache
     from emu3_rt.prompt import make_batch
-    from emu3_rt.sampling import DecodeState, Greedy, apply_chain, build_chain
+    from emu3_rt.sampling import VisualGridConstraint
 
     steps = KV_BLOCK
     rng = np.random.default_rng(1)
     ids = rng.integers(0, model.bundle.vocab_size, context).tolist()
     engine = TimedEngine(model.engines["decoder"])
-    cache = KVCache(model.bundle, rows)
-    logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
-    chain, select = build_chain(cfg_scale=1.0, grid=None, temperature=1.0, top_k=1, top_p=1.0, greedy=True), Greedy()
-    engine.seconds = 0.0
-    tokens = np.zeros((rows, 0), dtype=np.int64)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        nxt = select(apply_chain(chain, logits, DecodeState(tokens)))
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-        logits = decode_step(engine, cache, nxt, step)
-    total = (time.perf_counter() - t0) / steps
+    sampler = model.engines.get("sampler")
+    if sampler is not None:
+        model.engines["sampler"] = sampler = TimedEngine(sampler)
+    sampling = SamplingOptions(greedy=True) if greedy else SamplingOptions.from_bundle(model.bundle)
+    grid = None
+    if rows == 2:   # an image's step: CFG and the visual grid (16x16: a new row every 17 tokens)
+        t = model.bundle.tokens
+        grid = VisualGridConstraint(heights=np.array([16]), widths=np.array([16]), visual_ids=model.bundle.visual_ids,
+                                    eol=t.eol, eof=t.eof, eoi=t.eoi, eos=t.eos, pad=t.pad,
+                                    vocab_size=model.bundle.decoder.output("logits").dims[1])
+    try:
+        pick, _, _ = model._picker(sampling, 3.0 if rows == 2 else 1.0, grid, 0, 1 if rows == 2 else rows)
+        cache = KVCache(model.bundle, rows)
+        logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
+        engine.seconds = 0.0
+        if sampler is not None:
+            sampler.seconds = 0.0
+        tokens = np.zeros((rows // 2 if rows == 2 else rows, 0), dtype=np.int64)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            nxt = pick(logits, tokens)
+            tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+            logits = decode_step(engine, cache, np.tile(nxt, rows // len(nxt)), step)
+        total = (time.perf_counter() - t0) / steps
+    finally:
+        if sampler is not None:
+            model.engines["sampler"] = sampler.inner
     eng = engine.seconds / steps
+    smp = (sampler.seconds / steps) if sampler is not None else 0.0
 
     caches = [DynamicCache(config=hf_model.config.text_config) for _ in range(rows)]
     with torch.no_grad():
@@ -200,9 +247,10 @@ def bench_steps(hf_model, model, context, rows=1, hf_steps=16):
         for _ in range(hf_steps):
             hf_step()
         hf_ms = 1e3 * (time.perf_counter() - t0) / hf_steps
-    return {"context": context, "rows": rows, "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng,
-            "host_ms": 1e3 * (total - eng), "host_share": (total - eng) / total, "hf_ms": hf_ms,
-            "speedup": hf_ms / (1e3 * total)}
+    return {"context": context, "rows": rows, "chain": "greedy" if greedy else "default",
+            "sampler": sampler_kind(model), "emu3_rt_ms": 1e3 * total, "engine_ms": 1e3 * eng,
+            "sampler_ms": 1e3 * smp, "host_ms": 1e3 * (total - eng - smp), "host_share": (total - eng - smp) / total,
+            "hf_ms": hf_ms, "speedup": hf_ms / (1e3 * total)}
 
 
 def attention_only_ms(bundle, context: int, rows: int, threads: int, repeats: int = 20) -> float:
@@ -297,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
     report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
     report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
+    report["greedy_steps"] = [bench_steps(hf_model, model, c, rows, hf_steps=4, greedy=True)
+                              for rows in (1, 2) for c in args.contexts]
     for s in report["steps"]:  # the capacity the runtime's buffer has at this context: the next KV_BLOCK multiple
         s["attention_ms"] = attention_only_ms(model.bundle, _capacity(s["context"]), s["rows"], args.threads)
 
     im, ch = report["image"], report["chat"]
     print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
-    print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3): HF {im['hf_s']:.2f} s, "
+    print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3, greedy): HF {im['hf_s']:.2f} s, "
           f"emu3_rt {im['emu3_rt_s']:.2f} s  -> {im['speedup']:.2f}x")
+    print(f"same image, the bundle's default chain (top-k 2048, sampled; {im['sampler']} sampler): "
+          f"{im['default_chain_s']:.2f} s ({im['default_vs_greedy']:.2f}x the greedy time) -> "
+          f"{im['default_speedup']:.2f}x HF")
+    print(f"CLI generate-image, default chain, process start + load + PNG: {im['cli_s']:.2f} s -> "
+          f"{im['cli_speedup']:.2f}x HF generate")
     if "visual_head_s" in im:
         print(f"image on the --head visual bundle: {im['visual_head_s']:.2f} s -> {im['visual_head_speedup']:.2f}x")
     print(f"chat ({ch['new_tokens']} tokens): HF {ch['hf_tok_s']:.1f} tok/s, emu3_rt {ch['emu3_rt_tok_s']:.1f} tok/s"
@@ -312,16 +367,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefill {p['prompt']}: HF {p['hf_ms']:.0f} ms, emu3_rt {p['emu3_rt_ms']:.0f} ms -> {p['speedup']:.2f}x")
     print("per decode step; attention: the attention ops alone at that context (the part that must grow);")
     print("growth: (step - step at the first context) / (attention - attention at the first context)")
-    print(f"{'step':>5} {'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'x':>5} {'engine':>7} {'host':>6} "
-          f"{'host %':>7} {'attention':>9} {'growth':>6}")
+    print("sampling: the bundle's default chain (plain: top-k 2048 + sample; CFG: CFG 3 -> grid -> top-k 2048 ->"
+          " sample); greedy steps below")
+    print(f"{'step':>5} {'context':>8} {'HF ms/step':>11} {'emu3_rt':>8} {'x':>5} {'engine':>7} {'sampler':>7} "
+          f"{'host':>6} {'host %':>7} {'attention':>9} {'growth':>6}")
     for s in report["steps"]:
         first = next(f for f in report["steps"] if f["rows"] == s["rows"])
         d_attn = s["attention_ms"] - first["attention_ms"]
         s["growth_vs_attention"] = (s["emu3_rt_ms"] - first["emu3_rt_ms"]) / d_attn if s is not first else None
         growth = f"{s['growth_vs_attention']:6.2f}" if s is not first else f"{'':6}"
         print(f"{'CFG' if s['rows'] == 2 else 'plain':>5} {s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} "
-              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['host_ms']:6.2f} {100 * s['host_share']:6.1f}% "
-              f"{s['attention_ms']:9.2f} {growth}")
+              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['sampler_ms']:7.2f} {s['host_ms']:6.2f} "
+              f"{100 * s['host_share']:6.1f}% {s['attention_ms']:9.2f} {growth}")
+    print("greedy steps (argmax chain):")
+    for s in report["greedy_steps"]:
+        print(f"{'CFG' if s['rows'] == 2 else 'plain':>5} {s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} "
+              f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['sampler_ms']:7.2f} {s['host_ms']:6.2f} "
+              f"{100 * s['host_share']:6.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:

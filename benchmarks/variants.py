@@ -2,9 +2,10 @@
 
     python -m benchmarks.variants [--config mid] [--variants concat opset23 visual int8 int4] [--json OUT]
 
-For each variant: bundle size, seconds per image (CFG 3, greedy), chat tokens/s, ms per decode step at short
-and long context, and fidelity against the fp32 bundle: greedy token agreement (chat and image) and the mean
-|d logit| of the first step. Variants are exported once into benchmarks/.cache/<config>/.
+For each variant: bundle size, seconds per image (CFG 3, greedy, and with the bundle's default chain: top-k 2048,
+sampled), chat tokens/s, ms per decode step at short and long context, and fidelity against the fp32 bundle:
+greedy token agreement (chat and image) and the mean |d logit| of the first step. Variants are exported once
+into benchmarks/.cache/<config>/.
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ def measure(model, grid, chat_tokens, contexts, is_visual) -> dict:
     t_img, img = best_of(2, lambda: model.generate_image("a portrait of young girl", negative_prompt=NEGATIVE,
                                                          cfg_scale=3.0, ratio=f"{w}:{h}", image_area=64 * h * w,
                                                          sampling=greedy))
-    res = {"image_s": t_img, "image_tokens": img.tokens[0]}
+    # what users run: the bundle's default chain (CFG 3 -> grid -> top-k 2048 -> seeded sample)
+    default = SamplingOptions.from_bundle(model.bundle)
+    t_def, _ = best_of(2, lambda: model.generate_image("a portrait of young girl", negative_prompt=NEGATIVE,
+                                                       cfg_scale=3.0, ratio=f"{w}:{h}", image_area=64 * h * w,
+                                                       sampling=default, seed=0))
+    res = {"image_s": t_img, "image_tokens": img.tokens[0], "image_default_chain_s": t_def}
     if not is_visual:
         t_chat, chats = best_of(2, lambda: [model.chat(c, sampling=greedy, max_new_tokens=chat_tokens) for c in CHATS])
         res["chat_tok_s"] = sum(len(c.tokens[0]) for c in chats) / t_chat
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows["base"]
     print(f"\n{args.config}: variants vs the default bundle (fp32, opset 18, KV buffer), {args.threads} threads, "
           "one run; ms@N: ms per decode step at context N, cfg@N: the same with CFG's 2 rows")
-    head = (f"{'variant':8} {'MB':>7} {'s/image':>8} {'x':>5} {'chat tok/s':>10} {'x':>5} "
+    head = (f"{'variant':8} {'MB':>7} {'s/image':>8} {'x':>5} {'default':>8} {'chat tok/s':>10} {'x':>5} "
             + " ".join(f"{'ms@' + str(c):>8}" for c in args.contexts)
             + " ".join(f"{'cfg@' + str(c):>9}" for c in args.contexts) + f" {'chat top1':>9} {'chat agree':>10} "
             f"{'img agree':>9} {'|d logit|':>9}")
@@ -154,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         dlogit = (float(np.abs(base["first_logits"] - r["first_logits"]).mean())
                   if r["first_logits"].shape == base["first_logits"].shape else float("nan"))
         report[n] = {"size_mb": r["size_mb"], "image_s": r["image_s"], "image_speedup": base["image_s"] / r["image_s"],
+                     "image_default_chain_s": r["image_default_chain_s"],
                      "chat_tok_s": r.get("chat_tok_s"), "chat_agreement": chat_agree, "image_agreement": img_agree,
                      "chat_teacher_forced_top1": r.get("chat_tf_top1"),
                      "mean_abs_logit_diff": dlogit, **{k: v for k, v in r.items() if "step_ms" in k}}
         chat = r.get("chat_tok_s")
         print(f"{n:8} {r['size_mb']:7.0f} {r['image_s']:8.2f} {base['image_s'] / r['image_s']:5.2f} "
+              f"{r['image_default_chain_s']:8.2f} "
               f"{chat if chat else float('nan'):10.1f} {(chat or np.nan) / base['chat_tok_s']:5.2f} "
               + " ".join(f"{r[f'step_ms_{c}']:8.2f}" for c in args.contexts)
               + " ".join(f"{r[f'cfg_step_ms_{c}']:9.2f}" for c in args.contexts)
