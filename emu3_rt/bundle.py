@@ -146,6 +146,11 @@ class Bundle:
     manifest_sha256: str = ""
     # the sampling chain as a graph (export/sampler_graph.py): (R, V) logits + per-row inputs -> (B,) ids
     sampler: GraphSpec | None = None
+    # `--head both` bundles: the step graph for images (the decoder's I/O, logits over the visual + control ids
+    # only, same weights file), its (V_image,) column -> token id table and its sampler graph; None otherwise
+    image_decoder: GraphSpec | None = None
+    image_logit_ids: np.ndarray | None = None
+    image_sampler: GraphSpec | None = None
 
     @property
     def num_layers(self) -> int:
@@ -228,10 +233,11 @@ def _check_numbers(manifest: dict) -> None:
             raise BundleError(f"bundle.json: {message}")
 
 
-def _check_decoder_io(manifest: dict, graph: GraphSpec, logit_columns: int) -> None:
+def _check_decoder_io(manifest: dict, graph: GraphSpec, logit_columns: int, key: str = "decoder") -> None:
     """The step graph's declared I/O must be exactly what the runtime feeds and reads: ids, mask and positions
     (R, S) plus one past K/V pair per layer in; logits (R, columns) plus one present pair per layer out; every
-    K/V (R, kv_heads, T, head_size), T of the presents = S (buffer layout) or the mask's length (concat)."""
+    K/V (R, kv_heads, T, head_size), T of the presents = S (buffer layout) or the mask's length (concat).
+    Geometry and names are model.decoder's; `key` names the graph's block (an image_decoder shares them)."""
     dec = manifest["model"]["decoder"]
     layers, heads, head_size = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
     if dec["outputs"].get("logits", "logits") != "logits":
@@ -251,11 +257,11 @@ def _check_decoder_io(manifest: dict, graph: GraphSpec, logit_columns: int) -> N
         have = declared[side]
         if len(set(want)) != len(want) or set(want) != set(have):
             missing, extra = sorted(set(want) - set(have))[:2], sorted(set(have) - set(want))[:2]
-            raise BundleError(f"bundle.json: model.decoder.io.{side} does not match num_hidden_layers={layers} "
+            raise BundleError(f"bundle.json: model.{key}.io.{side} does not match num_hidden_layers={layers} "
                               f"and the tensor names (missing {missing}, unexpected {extra}, or a name repeated)")
     ids, mask, _ = (declared["inputs"][n] for n in fixed)
     if any(len(t.dims) != 2 for t in (ids, mask, declared["inputs"][fixed[2]])):
-        raise BundleError("bundle.json: model.decoder input_ids, attention_mask and position_ids must be rank 2")
+        raise BundleError(f"bundle.json: model.{key} input_ids, attention_mask and position_ids must be rank 2")
     new_len = ids.dims[1] if dec["kv_cache"] == "buffer" else mask.dims[1]
     kv_dtype = declared["inputs"][kv["inputs"][0]].dtype
     for side in ("inputs", "outputs"):
@@ -270,8 +276,26 @@ def _check_decoder_io(manifest: dict, graph: GraphSpec, logit_columns: int) -> N
                                   f"present K/V length is {d[2:3]}, not {(new_len,)}")
     logits = declared["outputs"]["logits"].dims
     if len(logits) != 2 or logits[1] != logit_columns:
-        raise BundleError(f"bundle.json: decoder output 'logits' must be (batch, {logit_columns}) for this "
+        raise BundleError(f"bundle.json: {key} output 'logits' must be (batch, {logit_columns}) for this "
                           f"vocab_size and head, got {list(logits)}")
+
+
+# what an image step graph shares with the decoder: one KVCache (named and shaped by model.decoder) feeds both
+_SAME_AS_DECODER = ("dtype", "variant", "num_hidden_layers", "num_key_value_heads", "head_size", "kv_cache",
+                    "inputs", "outputs")
+
+
+def _check_image_decoder(manifest: dict, decoder: GraphSpec, image: GraphSpec, logit_columns: int) -> None:
+    """model.image_decoder is the decoder's step with a visual head: the same geometry, KV layout, tensor names and
+    declared I/O but for the logits width, checked like the decoder's."""
+    dec, img = manifest["model"]["decoder"], manifest["model"]["image_decoder"]
+    for field in _SAME_AS_DECODER:
+        if img.get(field) != dec[field]:
+            raise BundleError(f"bundle.json: field 'model.image_decoder.{field}' must equal model.decoder.{field}")
+    kv = lambda tensors: [t for t in tensors if t.name != "logits"]  # noqa: E731
+    if image.inputs != decoder.inputs or kv(image.outputs) != kv(decoder.outputs):
+        raise BundleError("bundle.json: model.image_decoder.io must equal model.decoder.io but for the logits width")
+    _check_decoder_io(manifest, image, logit_columns, "image_decoder")
 
 
 def _check_vq_io(graph: GraphSpec, key: str, source: tuple[str, int], result: tuple[str, int]) -> None:
@@ -283,15 +307,16 @@ def _check_vq_io(graph: GraphSpec, key: str, source: tuple[str, int], result: tu
 
 # ---- ids ----
 
-def _check_sampler_io(sampler: GraphSpec, decoder: GraphSpec) -> None:
-    """The sampler reads the step graph's logits as they are: same width, same dtype."""
+def _check_sampler_io(sampler: GraphSpec, decoder: GraphSpec, key: str = "sampler") -> None:
+    """The sampler (`key`) reads its step graph's logits as they are: same width, same dtype."""
     want = {"logits", "cfg_scale", "guided", "kinds", "temperature", "top_k", "top_p", "greedy", "uniforms"}
     names = {t.name for t in sampler.inputs}
     if names != want or {t.name for t in sampler.outputs} != {"ids", "logprobs"}:
-        raise BundleError(f"bundle.json: model.sampler.io must have inputs {sorted(want)} and outputs ids, logprobs")
+        raise BundleError(f"bundle.json: model.{key}.io must have inputs {sorted(want)} and outputs ids, logprobs")
     logits, step = sampler.input("logits"), decoder.output("logits")
     if (logits.dtype, logits.dims[-1:]) != (step.dtype, step.dims[-1:]):
-        raise BundleError(f"bundle.json: the sampler reads {logits.dtype} logits of width {logits.dims[-1:]}, the step "
+        what = "the sampler" if key == "sampler" else f"model.{key}"
+        raise BundleError(f"bundle.json: {what} reads {logits.dtype} logits of width {logits.dims[-1:]}, the step "
                           f"graph writes {step.dtype} of width {step.dims[-1:]}")
 
 
@@ -358,22 +383,47 @@ def _visual_runs(manifest: dict, tokens: Tokens) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _logit_runs(manifest: dict) -> list[tuple[int, int, int]] | None:
-    """None for a full head; else column -> id runs, columns contiguous from 0, ids increasing."""
-    dec, vocab = manifest["model"]["decoder"], manifest["model"]["vocab_size"]
+def _logit_runs(manifest: dict, key: str = "decoder") -> list[tuple[int, int, int]] | None:
+    """None for a full head; else column -> id runs, columns contiguous from 0, ids increasing. An image_decoder
+    is always a visual head."""
+    dec, vocab = manifest["model"][key], manifest["model"]["vocab_size"]
     head = dec.get("head", "full")
-    if head == "full":
+    if head == "full" and key == "decoder":
         return None
     if head != "visual" or not isinstance(dec.get("logit_id_runs"), list):
-        raise BundleError("bundle.json: field 'model.decoder.head' must be 'full', or 'visual' with logit_id_runs")
-    runs = _runs(dec["logit_id_runs"], "model.decoder.logit_id_runs", vocab, vocab)
+        allowed = "'full', or 'visual' with logit_id_runs" if key == "decoder" else "'visual' with logit_id_runs"
+        raise BundleError(f"bundle.json: field 'model.{key}.head' must be {allowed}")
+    runs = _runs(dec["logit_id_runs"], f"model.{key}.logit_id_runs", vocab, vocab)
     if runs[0][0] != 0 or any(a[0] + a[2] != b[0] or a[1] + a[2] > b[1] for a, b in zip(runs, runs[1:])):
-        raise BundleError("bundle.json: field 'model.decoder.logit_id_runs' must list contiguous columns from 0 "
+        raise BundleError(f"bundle.json: field 'model.{key}.logit_id_runs' must list contiguous columns from 0 "
                           "and increasing ids")
     return runs
 
 
 # ---- load ----
+
+def _image_graphs(manifest: dict, root: Path, decoder: GraphSpec, sampler: GraphSpec | None):
+    """model.image_decoder (optional, `--head both`) -> (its graph, its logit runs, its sampler graph), all None
+    when absent. A bundle with a decoder sampler must give the image graph its own (the widths differ)."""
+    model = manifest["model"]
+    if "image_decoder" not in model:
+        if "image_sampler" in model:
+            raise BundleError("bundle.json: model.image_sampler needs a model.image_decoder")
+        return None, None, None
+    for field, kind in (("filename", _STR), ("io", _DICT)):
+        _typed(manifest, f"model.image_decoder.{field}", kind)
+    image = _graph(manifest, root, "image_decoder")
+    runs = _logit_runs(manifest, "image_decoder")
+    _check_image_decoder(manifest, decoder, image, sum(r[2] for r in runs))
+    if sampler is not None and "image_sampler" not in model:
+        raise BundleError("bundle.json: model.image_decoder needs a model.image_sampler (the bundle has a sampler)")
+    image_sampler = None
+    if "image_sampler" in model:
+        _typed(manifest, "model.image_sampler.io", _DICT)
+        image_sampler = _graph(manifest, root, "image_sampler")
+        _check_sampler_io(image_sampler, image, "image_sampler")
+    return image, runs, image_sampler
+
 
 def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     """Read and validate `path/bundle.json`, then check every listed file's size and sha256: once per version of
@@ -405,15 +455,17 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     if "sampler" in manifest["model"]:   # optional: bundles exported before it run the numpy chain
         sampler = _graph(manifest, root, "sampler")
         _check_sampler_io(sampler, decoder)
+    image, image_logit, image_sampler = _image_graphs(manifest, root, decoder, sampler)
     files = integrity.listed_files(manifest, root)
     bundle = Bundle(
         root=root, manifest=manifest, decoder=decoder, vq_encoder=vq_encoder, vq_decoder=vq_decoder, tokens=tokens,
         visual_ids=_table(visual), logit_ids=None if logit is None else _table(logit),
         tokenizer_path=inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
         chat_template_path=inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
-        manifest_sha256=digest, sampler=sampler,
+        manifest_sha256=digest, sampler=sampler, image_decoder=image, image_sampler=image_sampler,
+        image_logit_ids=None if image_logit is None else _table(image_logit),
     )
-    graphs = [decoder.path, vq_encoder.path, vq_decoder.path] + ([sampler.path] if sampler else [])
+    graphs = [g.path for g in (decoder, vq_encoder, vq_decoder, sampler, image, image_sampler) if g is not None]
     integrity.check_listed(root, files, graphs + [bundle.tokenizer_path, bundle.chat_template_path], {})
     external = integrity.check_files(root, files, [g.name for g in graphs], force=verify)
     integrity.check_listed(root, files, [], external)

@@ -233,6 +233,17 @@ def _as_list(x) -> list:
     return [x] if isinstance(x, str) else list(x)
 
 
+@dataclass(frozen=True)
+class Route:
+    """What one task decodes with: the step graph, the sampler graph over its logits (None: the numpy chain), and
+    its logits column -> token id table (None: the columns are the vocabulary)."""
+    step: Engine
+    sampler: Engine | None
+    logit_ids: np.ndarray | None
+    # logits width of the step graph
+    columns: int
+
+
 class Emu3:
     """One loaded bundle. Safe to share between threads: each call holds the model's lock while it runs."""
 
@@ -268,12 +279,26 @@ class Emu3:
             finally:
                 self._owner = None
 
-    def _column(self, ids):
-        """Token ids -> logits columns: identity for a full head, positions in logit_ids for a visual head."""
-        if self.bundle.logit_ids is None:
+    def route(self, task: str) -> Route:
+        """The engines a task decodes with. "chat": the decoder (full vocabulary). "image": the image step graph
+        when the bundle has one (`--head both`: the same weights, logits over the visual + control ids only, the
+        same tokens), else the decoder too. Read from `engines` at each call, so a swapped engine takes effect."""
+        if task not in ("chat", "image"):
+            raise ValueError(f"task must be 'chat' or 'image', got {task!r:.40}")
+        e, b = self.engines, self.bundle
+        if task == "image" and "image_decoder" in e:
+            return Route(e["image_decoder"], e.get("image_sampler"), b.image_logit_ids,
+                         b.image_decoder.output("logits").dims[1])
+        return Route(e["decoder"], e.get("sampler"), b.logit_ids, b.decoder.output("logits").dims[1])
+
+    @staticmethod
+    def _column(route: Route, ids):
+        """Token ids -> the route's logits columns: identity for a full head, positions in logit_ids for a visual
+        one."""
+        if route.logit_ids is None:
             return ids
-        cols = np.searchsorted(self.bundle.logit_ids, ids)
-        if not np.array_equal(self.bundle.logit_ids[cols], ids):
+        cols = np.searchsorted(route.logit_ids, ids)
+        if not np.array_equal(route.logit_ids[cols], ids):
             raise ValueError("the bundle's visual head does not score every id image generation needs")
         return cols if np.ndim(ids) else int(cols)
 
@@ -302,24 +327,25 @@ class Emu3:
         return imaging.postprocess(pixels, self.image_config)
 
     def _picker(self, sampling: SamplingOptions, cfg_scale: float, grid: VisualGridConstraint | None,
-                seed: int | None, rows: int):
+                seed: int | None, rows: int, route: Route | None = None):
         """The step's sampling chain (CFG -> grid -> temperature -> top-k -> top-p -> selector), with the seed used
-        and the per-row seeds: run by the bundle's sampler graph when it has one (only the chosen ids leave the
-        engine), else by numpy. Both give the same ids (tests/test_sampler_graph.py)."""
+        and the per-row seeds: run by the route's sampler graph when it has one (only the chosen ids leave the
+        engine), else by numpy. Both give the same ids (tests/test_sampler_graph.py). Route: chat's by default."""
+        route = route or self.route("chat")
         select, seed, seeds = _seeded(sampling, seed, rows)
         params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                       top_p=sampling.top_p, greedy=sampling.greedy)
-        if "sampler" in self.engines:
+        if route.sampler is not None:
             rngs = None if sampling.greedy else select.rngs
-            return GraphSampler(self.engines["sampler"], **params, rng=rngs).pick, seed, seeds
+            return GraphSampler(route.sampler, **params, rng=rngs).pick, seed, seeds
         return ChainPicker(build_chain(**params), select), seed, seeds
 
-    def _run(self, batch: Batch, pick, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
+    def _run(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
         cache = KVCache(self.bundle, batch.rows)
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
-                           streams=streams, logit_ids=self.bundle.logit_ids)
-        return generate(self.engines["decoder"], cache, batch, pick, opts, on_token)
+                           streams=streams, logit_ids=route.logit_ids)
+        return generate(route.step, cache, batch, pick, opts, on_token)
 
     # ---- chat ----
 
@@ -360,7 +386,8 @@ class Emu3:
                 raise PromptError(f"the prompt is {longest} tokens; the model's context is "
                                   f"{self.bundle.context_length}")
             max_new = min(max_new, room)
-            pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts))
+            route = self.route("chat")
+            pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts), route)
             stream = _TextStream(self.prompts, len(prompts), self.bundle.tokens.eos, on_text) if on_text else None
 
             def tick(step, new):
@@ -369,7 +396,7 @@ class Emu3:
                 if on_token:
                     on_token(step, new)
 
-            tokens = self._run(make_batch(ids, None, self.bundle.tokens.pad), pick, max_new, 1, tick)
+            tokens = self._run(route, make_batch(ids, None, self.bundle.tokens.pad), pick, max_new, 1, tick)
         rows = [_until_eos(t, self.bundle.tokens.eos) for t in tokens]
         texts = [self.prompts.decode(r) for r in rows]
         return ChatResult(texts, ids, rows, seed, seeds)
@@ -429,14 +456,14 @@ class Emu3:
             raise PromptError(f"prompt plus a {grids[0][0]}x{grids[0][1]} image needs {need} positions; the "
                               f"model's context is {self.bundle.context_length} (lower --image-area)")
         n_new = max(h * (w + 1) + 3 for h, w in grids)
-        t = self.bundle.tokens
-        col = self._column  # token id -> logits column (identity for a full head)
+        t, route = self.bundle.tokens, self.route("image")
+        col = lambda ids: self._column(route, ids)  # noqa: E731 - token id -> logits column of the image route
         grid = VisualGridConstraint(
             heights=np.array([h for h, _ in grids]), widths=np.array([w for _, w in grids]),
             visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
-            eos=col(t.eos), pad=col(t.pad), vocab_size=self.bundle.decoder.output("logits").dims[1])
+            eos=col(t.eos), pad=col(t.pad), vocab_size=route.columns)
         with self._exclusive("generate_image"):
-            pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts))
+            pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts), route)
             preview = _Preview(self, grids, preview_every, on_preview) if on_preview and preview_every > 0 else None
 
             def tick(step, new):
@@ -445,7 +472,7 @@ class Emu3:
                 if on_token:
                     on_token(step, new)
 
-            tokens = self._run(make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
+            tokens = self._run(route, make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
                                2 if use_cfg else 1, tick)
             images: list[Image.Image | None] = [None] * len(prompts)
             for (h, w) in sorted(set(grids)):
@@ -524,8 +551,10 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
     engine "trt": the bundle's own TensorRT plans (built by `python -m export.build_trt`), checked before use.
-    Graph sessions are created lazily on first use. Every file's sha256 is checked against bundle.json once per
-    file version and remembered (emu3_rt.integrity); verify=True re-hashes everything (about 1 s per GB).
+    Graph sessions are created lazily on first use: a `--head both` bundle's image step graph (and its sampler)
+    decode images only, so a process that only chats never opens them (Emu3.route). Every file's sha256 is
+    checked against bundle.json once per file version and remembered (emu3_rt.integrity); verify=True re-hashes
+    everything (about 1 s per GB).
     sampler "graph": the bundle's sampler graph runs the sampling chain next to the step (only ids leave it);
     "numpy": the reference chain on the host; None: the graph when the bundle has one and the engine is "ort".
     """
@@ -548,6 +577,8 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
                          if bundle.sampler is None else "the sampler graph runs on engine 'ort' only (for now)")
     use_graph = sampler == "graph" or (sampler is None and bundle.sampler is not None and engine == "ort")
     keys = ("decoder", "vq_encoder", "vq_decoder") + (("sampler",) if use_graph else ())
+    if bundle.image_decoder is not None:  # images decode with it (Emu3.route); its sessions open on first use
+        keys += ("image_decoder",) + (("image_sampler",) if use_graph else ())
     if engine == "ort":
         opts = OrtOptions(device=device, threads=threads, device_id=device_id)
         engines = {key: OrtEngine(getattr(bundle, key), opts) for key in keys}

@@ -1,9 +1,10 @@
 """`python -m export`: a Transformers Emu3 `-hf` checkpoint -> a verified bundle in models/<name>/.
 
-Stages: load (transformers) -> export the three graphs (export_onnx) -> verify against the checkpoint
-(verify) -> copy tokenizer + chat template -> bundle.json with hashes (write_bundle). Everything is written to a
-temporary sibling directory and renamed into place only when verification passed, so a failed export never
-leaves a bundle that looks finished.
+Stages: load (transformers) -> export the graphs (export_onnx: VQ encoder and decoder, the full step graph and,
+with the default --head both, the visual-head step graph over one shared weights file: shared_weights) -> verify
+against the checkpoint (verify) -> copy tokenizer + chat template -> bundle.json with hashes (write_bundle).
+Everything is written to a temporary sibling directory and renamed into place only when verification passed, so
+a failed export never leaves a bundle that looks finished.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VARIANTS = {18: "opset18", 23: "opset23-fused"}  # 23: ONNX Attention / RMSNormalization / RotaryEmbedding
-HEADS = ("full", "visual")
+HEADS = ("both", "full", "visual")
+# --head both: the visual step graph, its sampler and the one weights file both step graphs read
+VISUAL_STEP, VISUAL_SAMPLER, SHARED_WEIGHTS = "decoder_step_visual.onnx", "sampler_visual.onnx", "decoder_step.data"
 EXPORT_EXTRA = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")  # what `.[export]` installs
 
 
@@ -38,8 +41,10 @@ class ExportOptions:
     # replace an existing bundle directory
     overwrite: bool = False
     # "visual": the step graph scores only the visual ids + EOL/EOF/EOI/EOS/PAD (image generation only; CFG and the
-    # grid constraint give the same tokens on that sub-vocabulary, with a much smaller lm_head per step)
-    head: str = "full"
+    # grid constraint give the same tokens on that sub-vocabulary, with a much smaller lm_head per step);
+    # "full": the whole vocabulary (chat and images); "both": the full graph for chat and the visual one for
+    # images, over one shared weights file (the bundle grows by the visual lm_head rows only)
+    head: str = "both"
     # weight-only quantization of the decoder step: None, "int8" or "int4" (MatMulNBits; lm_head int8)
     quantize: str | None = None
     # weights per quantization block
@@ -120,6 +125,18 @@ def _quantize(work: Path, spec, options: ExportOptions, log) -> dict:
     return {**q.to_json(), **drift}
 
 
+def _share(work: Path, specs: dict, log):
+    """Both step graphs over one weights file (export/shared_weights.py)."""
+    from .shared_weights import share_weights
+
+    shared = share_weights([work / specs["decoder_step"].file, work / specs["decoder_step_visual"].file],
+                           SHARED_WEIGHTS)
+    log(f"{shared.file}: {shared.size / 1e6:.1f} MB; {specs['decoder_step_visual'].file} reuses "
+        f"{shared.reused[specs['decoder_step_visual'].file]} tensors and adds "
+        f"{shared.stored[specs['decoder_step_visual'].file]} (its lm_head rows)")
+    return shared
+
+
 def visual_head_ids(model, processor) -> list[int]:
     """The ids image generation can ever produce: the visual tokens and EOL, EOF, EOI, EOS, PAD (sorted)."""
     tok = processor.tokenizer
@@ -162,31 +179,40 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
     work.chmod(0o755)  # mkdtemp makes it 0700
     try:
         vq = model.model.vqmodel
-        head_ids = visual_head_ids(model, processor) if options.head == "visual" else None
+        head_ids = visual_head_ids(model, processor) if options.head in ("visual", "both") else None
+        # (graph, its head ids): the step graph(s) to export and verify
+        steps = {"full": [("decoder_step", None)], "visual": [("decoder_step", head_ids)],
+                 "both": [("decoder_step", None), ("decoder_step_visual", head_ids)]}[options.head]
         specs = {}
         graphs = (("vq_encoder", lambda: export_onnx.export_vq_encoder(vq, work, 18)),
                   ("vq_decoder", lambda: export_onnx.export_vq_decoder(vq, work, 18)),
-                  ("decoder_step", lambda: export_onnx.export_decoder_step(model, work, options.opset,
-                                                                           head_ids, options.kv_cache)))
+                  *((name, lambda name=name, ids=ids: export_onnx.export_decoder_step(
+                      model, work, options.opset, ids, options.kv_cache, f"{name}.onnx")) for name, ids in steps))
         # each graph takes seconds to a minute on a tiny checkpoint and minutes on a real one: a line before and after
         for i, (name, fn) in enumerate(graphs, 1):
             t = time.perf_counter()
             log(f"{name} ({i}/{len(graphs)}) ...")
             specs[name] = fn()
             log(f"{name} ({i}/{len(graphs)}) ... {time.perf_counter() - t:.1f} s")
+        shared = _share(work, specs, log) if options.head == "both" else None  # verified below as written
         t = time.perf_counter()
         log("parity checks against the checkpoint ...")
-        checks = verify.verify_vq(vq, work) + verify.verify_decoder_step(model, work, head_ids=head_ids,
-                                                                           kv_cache=options.kv_cache)
+        checks = verify.verify_vq(vq, work)
+        for name, ids in steps:
+            checks += verify.verify_decoder_step(model, work, head_ids=ids, kv_cache=options.kv_cache,
+                                                 file=specs[name].file)
         log(f"parity checks against the checkpoint ... {time.perf_counter() - t:.1f} s")
         log(verify.format_table(checks))
         failed = [c for c in checks if not c.ok]
         if failed:
             raise ExportError(f"parity failed in {len(failed)} check(s), first: {failed[0].graph} {failed[0].case} "
                               f"{failed[0].metric} = {failed[0].value:.3g} > {failed[0].limit:g}")
-        quant = None
+        quant = {}
         if options.quantize:
-            quant = _quantize(work, specs["decoder_step"], options, log)
+            for name, _ in steps:   # the same options give the same body weights in both graphs
+                quant[name] = _quantize(work, specs[name], options, log)
+            if shared:
+                shared = _share(work, specs, log)
         if (checkpoint / "tokenizer.json").is_file():  # byte-identical to the checkpoint's
             shutil.copyfile(checkpoint / "tokenizer.json", work / "tokenizer.json")
         else:
@@ -197,8 +223,8 @@ def build_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions
         manifest = write_bundle.build_manifest(
             model=model, processor=processor, checkpoint=checkpoint, out_dir=work, specs=specs,
             variant=VARIANTS[options.opset], opset=options.opset, dtype=DTYPES[options.dtype],
-            image_area=image_area, versions=_versions(), head_ids=head_ids, quantization=quant,
-            kv_cache=options.kv_cache)
+            image_area=image_area, versions=_versions(), head_ids=head_ids, quantization=quant.get("decoder_step"),
+            kv_cache=options.kv_cache, head=options.head, image_quantization=quant.get("decoder_step_visual"))
         write_bundle.write_manifest(manifest, work)
         if out.exists():
             shutil.rmtree(out)
@@ -270,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-area", type=int_in(64), default=None,
                     help="text-to-image area in pixels when a request names none "
                          "(default: min(720*720, the processor's max_pixels))")
-    ap.add_argument("--head", choices=HEADS, default="full",
-                    help="visual: an image-generation-only bundle whose step graph scores only visual + control ids")
+    ap.add_argument("--head", choices=HEADS, default="both",
+                    help="both: a full-vocabulary step graph for chat and a visual-head one for images (scores only "
+                         "visual + control ids), sharing one weights file; full: one graph for both; visual: an "
+                         "image-generation-only bundle")
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="weight-only MatMulNBits quantization of the decoder step (lm_head int8; default: none)")
     ap.add_argument("--block-size", type=int_in(16, 4096), default=32,

@@ -27,7 +27,7 @@ def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list
         return [{"pixel_values": ((1, 3, 8, 8), (1, 3, opt_side, opt_side), (max_batch, 3, max_side, max_side))}]
     if graph == "vq_decoder":
         return [{"codes": ((1, 1, 1), (1, opt_side // 8, opt_side // 8), (max_batch, max_side // 8, max_side // 8))}]
-    dec = model["decoder"]
+    dec = model[graph]  # "decoder", or "image_decoder" (the same geometry and names, a narrower logits output)
     ctx, chunk = model["context_length"], manifest["search"]["prefill_chunk"]
     kv, d = dec["num_key_value_heads"], dec["head_size"]
     past_names = [dec["inputs"][f"past_{k}_names"] % i
@@ -72,7 +72,10 @@ def build_plan(onnx_path: Path, plan_path: Path, profiles: list[dict], workspace
     plan_path.write_bytes(bytes(plan))
 
 
-GRAPHS = ("decoder_step", "vq_encoder", "vq_decoder")
+GRAPHS = ("decoder_step", "decoder_step_visual", "vq_encoder", "vq_decoder")
+# graph -> its block under bundle.json's "model" (and key in plans.json, as emu3_rt.engines.trt.plan_for reads it)
+KEYS = {"decoder_step": "decoder", "decoder_step_visual": "image_decoder", "vq_encoder": "vq_encoder",
+        "vq_decoder": "vq_decoder"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = tool_parser("python -m export.build_trt", __doc__)
     ap.add_argument("--bundle", required=True, type=Path, help="bundle directory written by python -m export")
-    ap.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=GRAPHS, metavar="GRAPH",
-                    help=f"graphs to build plans for, among {', '.join(GRAPHS)} (default: all three)")
+    ap.add_argument("--graphs", nargs="+", default=None, choices=GRAPHS, metavar="GRAPH",
+                    help=f"graphs to build plans for, among {', '.join(GRAPHS)} (default: every one the bundle has; "
+                         "decoder_step_visual is the image step graph of a --head both bundle)")
     ap.add_argument("--max-batch", type=int_in(1, 1024), default=2,
                     help="most rows per call: 2 x prompts under CFG (default: 2, one prompt with CFG)")
     ap.add_argument("--max-image-side", type=int_in(8, 8192), default=1024,
@@ -100,13 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bundle / "bundle.json").is_file():
         print(f"{error} {args.bundle}: no bundle.json; expected a bundle written by python -m export", file=sys.stderr)
         return 2
+    manifest = json.loads((args.bundle / "bundle.json").read_text())
+    present = [g for g in GRAPHS if KEYS[g] in manifest.get("model", {})]
+    missing = [g for g in args.graphs or [] if g not in present]
+    if missing:
+        print(f"{error} {args.bundle} has no {missing[0]} graph (model.{KEYS[missing[0]]} in bundle.json)",
+              file=sys.stderr)
+        return 2
+    args.graphs = args.graphs or present
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
     except ImportError:
         print(f"{error} needs the trt extra (tensorrt + cuda-python) and a GPU", file=sys.stderr)
         return 2
-    manifest = json.loads((args.bundle / "bundle.json").read_text())
     err, prop = cudart.cudaGetDeviceProperties(0)
     if int(err) != 0:
         print(f"{error} no CUDA device ({err})", file=sys.stderr)
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a plan takes minutes to build on a real bundle: a line before and after each
         for i, graph in enumerate(args.graphs, 1):
-            key = "decoder" if graph == "decoder_step" else graph
+            key = KEYS[graph]
             onnx_path = args.bundle / manifest["model"][key]["filename"]
             plan_path = out_dir / f"{graph}.sm{sm.replace('.', '')}.trt{trt.__version__}.plan"
             t = time.perf_counter()

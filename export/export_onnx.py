@@ -45,7 +45,7 @@ KV_CACHES = ("buffer", "concat")
 
 
 def step_specs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, kv_dtype: str,
-               kv_cache: str = "buffer") -> GraphSpec:
+               kv_cache: str = "buffer", file: str = "decoder_step.onnx") -> GraphSpec:
     """buffer: past = the runtime's KV buffer (PAST = its capacity), present = the S new rows.
     concat: past = the filled cache, present = past + new (TOTAL rows)."""
     new_rows = SEQ if kv_cache == "buffer" else TOTAL
@@ -56,7 +56,7 @@ def step_specs(num_layers: int, kv_heads: int, head_dim: int, vocab: int, kv_dty
     inputs = (TensorSpec("input_ids", "int64", (BATCH, SEQ)),
               TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
               TensorSpec("position_ids", "int64", (BATCH, SEQ)), *past)
-    return GraphSpec("decoder_step.onnx", inputs, (TensorSpec("logits", "float32", (BATCH, vocab)), *present))
+    return GraphSpec(file, inputs, (TensorSpec("logits", "float32", (BATCH, vocab)), *present))
 
 
 def vq_encoder_specs() -> GraphSpec:
@@ -182,13 +182,14 @@ def export_vq_decoder(vqmodel, out_dir: Path, opset: int) -> GraphSpec:
 
 
 def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | None = None,
-                        kv_cache: str = "buffer") -> GraphSpec:
+                        kv_cache: str = "buffer", file: str = "decoder_step.onnx") -> GraphSpec:
+    """The step graph as `file`: logits over the whole vocabulary, or over `head_ids` only (a visual head)."""
     tc = model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     dtype = next(model.parameters()).dtype
     spec = step_specs(tc.num_hidden_layers, tc.num_key_value_heads, head_dim,
                       tc.vocab_size if head_ids is None else len(head_ids), str(dtype).removeprefix("torch."),
-                      kv_cache)
+                      kv_cache, file)
     # B=2, S=3, P=5 so that no dim is 0 or 1 at trace time
     b, s, p = 2, 3, 5
     ids = torch.randint(0, tc.vocab_size, (b, s))

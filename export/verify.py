@@ -82,8 +82,9 @@ def _positions(mask: np.ndarray) -> np.ndarray:
 
 
 def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int] | None = None,
-                        kv_cache: str = "buffer") -> list[Check]:
-    """head_ids: the graph scores only these vocabulary columns (a visual-only head).
+                        kv_cache: str = "buffer", file: str = "decoder_step.onnx") -> list[Check]:
+    """The step graph `file` (its checks are named after it); head_ids: the graph scores only these vocabulary
+    columns (a visual-only head).
 
     kv_cache "buffer": the past goes in as a buffer with `spare` empty slots after the P filled ones, holding
     random values under mask 0 (they must not leak), and the presents are compared with the S new rows.
@@ -93,7 +94,8 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
     tc = model.config.text_config
     dtype = next(model.parameters()).dtype
     logit_tol, kv_tol = STEP_TOLERANCE[str(dtype).removeprefix("torch.")]
-    sess = _session(out_dir / "decoder_step.onnx")
+    sess = _session(out_dir / file)
+    graph = Path(file).stem
     out_names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(seed)
     checks = []
@@ -130,7 +132,7 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
             ref_logits = ref_logits[:, head_ids]
         scale = max(1.0, float(np.abs(ref_logits).max()))
         case = f"B={b} P={p} S={s}" + (f" leftpad={pad}" if pad else "") + (f" empty={spare}" if spare else "")
-        checks.append(Check("decoder_step", case, "max |d logit| / scale",
+        checks.append(Check(graph, case, "max |d logit| / scale",
                             float(np.abs(got["logits"] - ref_logits).max()) / scale, logit_tol))
         # Positions under mask == 0 (left padding) hold values no output ever reads: a fully masked query row
         # is NaN-guarded differently by sdpa and the ONNX graph, so only attended positions are compared.
@@ -145,7 +147,7 @@ def verify_decoder_step(model, out_dir: Path, seed: int = 0, head_ids: list[int]
                 scale = max(1.0, float(np.abs(np.where(keep, r, 0)).max()))
                 diff = np.inf if g.shape != r.shape else float(np.abs(np.where(keep, g - r, 0)).max()) / scale
                 kv_diff = max(kv_diff, diff)
-        checks.append(Check("decoder_step", case, "max |d present| / scale", kv_diff, kv_tol))
+        checks.append(Check(graph, case, "max |d present| / scale", kv_diff, kv_tol))
     return checks
 
 

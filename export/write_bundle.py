@@ -68,7 +68,10 @@ def _io(spec: GraphSpec) -> dict:
 def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: dict[str, GraphSpec],
                    variant: str, opset: int, dtype: str, image_area: int, versions: dict,
                    head_ids: list[int] | None = None, quantization: dict | None = None,
-                   kv_cache: str = "buffer") -> dict:
+                   kv_cache: str = "buffer", head: str | None = None, image_quantization: dict | None = None) -> dict:
+    """head: "full", "visual" (head_ids scored by the one step graph) or "both" (specs["decoder_step_visual"]
+    scores head_ids, listed as model.image_decoder with its own sampler); None: "full" or "visual" by head_ids."""
+    head = head or ("full" if head_ids is None else "visual")
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vq_config
     tok = processor.tokenizer
@@ -111,8 +114,8 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
                 "logits": "last_position",
                 "quantization": quantization,
                 # "full": logits over the whole vocabulary; "visual": column j scores the id from logit_id_runs
-                "head": "full" if head_ids is None else "visual",
-                **({} if head_ids is None else {"logit_id_runs": id_runs(head_ids)}),
+                "head": "visual" if head == "visual" else "full",
+                **({"logit_id_runs": id_runs(head_ids)} if head == "visual" else {}),
                 # "buffer": past = the runtime's preallocated KV buffer (mask 0 on empty slots), present = the new
                 # rows only; "concat": past = the filled cache, present = past + new
                 "kv_cache": kv_cache,
@@ -168,7 +171,16 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
             "source_config_sha256": sha256_file(checkpoint / "config.json"),
         },
     }
-    manifest["model"]["sampler"] = write_sampler(out_dir, manifest, head_ids)
+    if head == "both":
+        # images: the same step over the same weights file, scoring only the visual + control ids; every field
+        # but the file, head, logits width and quantization report equals the decoder's (emu3_rt/bundle.py checks)
+        visual = specs["decoder_step_visual"]
+        manifest["model"]["image_decoder"] = {
+            **manifest["model"]["decoder"], "filename": visual.file, "quantization": image_quantization,
+            "head": "visual", "logit_id_runs": id_runs(head_ids), "io": _io(visual)}
+    manifest["model"]["sampler"] = write_sampler(out_dir, manifest, head_ids if head == "visual" else None)
+    if head == "both":
+        manifest["model"]["image_sampler"] = write_sampler(out_dir, manifest, head_ids, "sampler_visual.onnx")
     manifest["files"] = {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "bundle.json"
@@ -176,7 +188,7 @@ def build_manifest(*, model, processor, checkpoint: Path, out_dir: Path, specs: 
     return manifest
 
 
-def write_sampler(out_dir: Path, manifest: dict, head_ids: list[int] | None) -> dict:
+def write_sampler(out_dir: Path, manifest: dict, head_ids: list[int] | None, file: str = "sampler.onnx") -> dict:
     """sampler.onnx: the decode step's sampling chain as a graph over the step graph's logits columns (the whole
     vocabulary, or the visual head's columns), with the grid kinds of Emu3's ids baked in; its manifest block."""
     tokens = {role: entry["id"] for role, entry in manifest["emu3"]["tokens"].items()}
@@ -185,7 +197,7 @@ def write_sampler(out_dir: Path, manifest: dict, head_ids: list[int] | None) -> 
     column = {tid: col for col, tid in enumerate(ids)}                 # token id -> logits column
     kinds = column_kinds(len(ids), visual_ids=[column[i] for i in visual],
                          **{role: column[tokens[role]] for role in ("eol", "eof", "eoi", "eos", "pad")})
-    path = write_sampler_graph(out_dir / "sampler.onnx", kinds)
+    path = write_sampler_graph(out_dir / file, kinds)
     io = sampler_io()
     for t in io["inputs"]:   # the width is fixed by the table baked into the graph
         t["dims"] = [len(ids) if d == "vocab" else d for d in t["dims"]]

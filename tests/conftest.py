@@ -47,7 +47,7 @@ def bundles(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, tuple] = {}
 
-    def get(preset: str, opset: int = 18, head: str = "full", kv_cache: str = "buffer"):
+    def get(preset: str, opset: int = 18, head: str = "both", kv_cache: str = "buffer"):  # head: export's default
         key = (preset, opset, head, kv_cache)
         if key not in cache:
             out = root / f"{preset}-op{opset}-{head}-{kv_cache}"

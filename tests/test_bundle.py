@@ -59,9 +59,10 @@ def test_schema_1_bundle_must_be_concat(bundle_copy):
         load_bundle(bundle_copy)
 
     def as_concat(m):
-        m["model"]["decoder"]["kv_cache"] = "concat"
-        for t in m["model"]["decoder"]["io"]["outputs"][1:]:
-            t["dims"][2] = "total_sequence_length"
+        for key in ("decoder", "image_decoder"):   # the image step graph shares the decoder's KV layout
+            m["model"][key]["kv_cache"] = "concat"
+            for t in m["model"][key]["io"]["outputs"][1:]:
+                t["dims"][2] = "total_sequence_length"
 
     _edit(bundle_copy, as_concat)
     assert load_bundle(bundle_copy).kv_cache == "concat"

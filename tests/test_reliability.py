@@ -65,9 +65,9 @@ class FailingEngine:
 
 
 def test_engine_failure_names_the_step():
-    model = emu3_rt.load()
-    model.engines["decoder"] = FailingEngine(model.engines["decoder"], fail_at=6)
-    with pytest.raises(EngineError, match=r"^decode step 4: decoder_step.onnx: run failed"):
+    model = emu3_rt.load()  # images run the bundle's image step graph (--head both)
+    model.engines["image_decoder"] = FailingEngine(model.engines["image_decoder"], fail_at=6)
+    with pytest.raises(EngineError, match=r"^decode step 4: decoder_step_visual.onnx: run failed"):
         model.generate_image("a cat", seed=0)
 
 
@@ -76,7 +76,7 @@ def test_engine_failure_in_cli_writes_nothing(tmp_path, capsys, monkeypatch):
 
     def load_failing(*a, **k):
         model = real_load(*a, **k)
-        model.engines["decoder"] = FailingEngine(model.engines["decoder"], fail_at=30)
+        model.engines["image_decoder"] = FailingEngine(model.engines["image_decoder"], fail_at=30)
         return model
 
     monkeypatch.setattr(emu3_rt.pipeline, "load", load_failing)
@@ -90,8 +90,8 @@ def test_engine_failure_in_cli_writes_nothing(tmp_path, capsys, monkeypatch):
 def test_cfg_always_runs_the_unconditional_rows():
     """cfg_scale != 1 doubles the rows of every engine call; cfg_scale == 1 does not."""
     model = emu3_rt.load()
-    spy = FailingEngine(model.engines["decoder"], fail_at=-1)
-    model.engines["decoder"] = spy
+    spy = FailingEngine(model.engines["image_decoder"], fail_at=-1)
+    model.engines["image_decoder"] = spy
     model.generate_image(["a", "b"], cfg_scale=3.0, seed=0)
     assert set(spy.rows) == {4}
     spy.rows.clear()

@@ -55,15 +55,15 @@ def test_one_sampler_call_per_step_and_no_logits_chain_on_host(models, monkeypat
     def run(self, feeds):
         calls.append(self.spec.path.name)
         out = real(self, feeds)
-        if self.spec.path.name == "sampler.onnx":
+        if self.spec.path.name == "sampler_visual.onnx":   # images: the visual head's sampler
             assert set(out) == {"ids", "logprobs"} and out["ids"].shape == (1,)
         return out
 
     monkeypatch.setattr(ort.OrtEngine, "run", run)
     r = graph.generate_image("x", cfg_scale=3.0, image_area=64 * 64, sampling=emu3_rt.SamplingOptions(), seed=1)
     steps = len(r.tokens[0])
-    assert calls.count("sampler.onnx") == steps
-    assert calls.count("decoder_step.onnx") == steps  # one prefill chunk + steps - 1 decode steps
+    assert calls.count("sampler_visual.onnx") == steps
+    assert calls.count("decoder_step_visual.onnx") == steps  # one prefill chunk + steps - 1 decode steps
 
 
 def test_graph_sampler_refused_without_a_graph(bundle_copy):
@@ -91,12 +91,12 @@ def test_engine_failure_in_the_sampler_names_the_step(models, monkeypatch):
     real = ort.OrtEngine.run
 
     def run(self, feeds):
-        if self.spec.path.name == "sampler.onnx" and feeds["kinds"].size and np.all(feeds["kinds"] == 1):
-            raise emu3_rt.EngineError("sampler.onnx: run failed (injected)")
+        if self.spec.path.name == "sampler_visual.onnx" and feeds["kinds"].size and np.all(feeds["kinds"] == 1):
+            raise emu3_rt.EngineError("sampler_visual.onnx: run failed (injected)")
         return real(self, feeds)
 
     monkeypatch.setattr(ort.OrtEngine, "run", run)
-    with pytest.raises(emu3_rt.EngineError, match="sampler.onnx"):
+    with pytest.raises(emu3_rt.EngineError, match="sampler_visual.onnx"):
         graph.generate_image("x", cfg_scale=1.0, image_area=64 * 64, sampling=GREEDY)
 
 

@@ -206,9 +206,10 @@ def test_export_cli_reports_each_graph_and_hides_third_party_noise(tmp_path):
     r = _run("export", "--checkpoint", str(ck), "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    for i, graph in enumerate(["vq_encoder", "vq_decoder", "decoder_step"], 1):
-        start = lines.index(f"export: {graph} ({i}/3) ...")
-        assert re.fullmatch(rf"export: {graph} \({i}/3\) \.\.\. \d+\.\d s", lines[start + 1]), lines[start + 1]
+    graphs = ["vq_encoder", "vq_decoder", "decoder_step", "decoder_step_visual"]  # --head both by default
+    for i, graph in enumerate(graphs, 1):
+        start = lines.index(f"export: {graph} ({i}/4) ...")
+        assert re.fullmatch(rf"export: {graph} \({i}/4\) \.\.\. \d+\.\d s", lines[start + 1]), lines[start + 1]
     assert re.fullmatch(rf"export: wrote {re.escape(str(out))} in \d+\.\d s", lines[-1])
     # progress bars, torch.onnx's registry log lines and warnings stay hidden; the parity table shows
     noise = [ln for ln in lines if re.search(r"Warning|torchvision|Loading weights|it/s\]|^W\d{4}", ln)]

@@ -1,18 +1,28 @@
 """OrtEngine: one ONNX graph in an onnxruntime session (CPU, CUDA or the TensorRT execution provider).
 
 The session is created on the first `run`, so chat never loads the VQ decoder. A requested provider that
-onnxruntime cannot load raises instead of silently falling back to the CPU.
+onnxruntime cannot load raises instead of silently falling back to the CPU. On the CPU, the optimized graph is kept
+in the per-user cache (see "optimized-graph cache" below): later sessions skip parsing weights stored inside the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import numbers
 import os
+import platform
+import shutil
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .. import integrity
 from ..bundle import GraphSpec
 from .base import EngineError, check_io
 
@@ -47,9 +57,14 @@ class OrtOptions:
     device_id: int = 0
     # directory for TensorRT engine and timing caches (inside the bundle by default: see OrtEngine)
     trt_cache_dir: str | None = None
+    # device "cpu": keep each graph's optimized form in the per-user cache and load that next time (a graph whose
+    # weights are already external data is never copied: it has nothing to gain). Ignored on other devices.
+    cache_optimized: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "threads", check_threads(self.threads))
+        if not isinstance(self.cache_optimized, bool):
+            raise TypeError(f"cache_optimized must be True or False, got {type(self.cache_optimized).__name__}")
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, numbers.Integral):
             raise TypeError(f"device_id must be an int, got {type(self.device_id).__name__}")
         if self.device_id < 0:
@@ -68,6 +83,62 @@ def import_onnxruntime():
     if hasattr(onnxruntime, "disable_telemetry_events") and os.environ["ORT_DISABLE_TELEMETRY"] != "0":
         onnxruntime.disable_telemetry_events()
     return onnxruntime
+
+
+# ---- optimized-graph cache ----
+# Creating a session from a graph that stores its weights inline costs protobuf parsing of every weight byte: 1.4 s
+# of the 2.0 s for an 870 MB step graph (benchmarks/startup.py; graph optimization itself is ~1 %). onnxruntime
+# saves the optimized graph with its weights as external data, which later sessions read without that parse.
+# A graph saved at level ALL may hold fused and layout-specific nodes (NCHWc blocks sized for this CPU's vector
+# width), valid only for the same onnxruntime, execution provider and CPU, so all of them key the entry; the
+# graph's sha256 is the one bundle.json lists (integrity.graph_digest reuses the stamp of the load's check).
+# An entry is a directory written whole and renamed into place; its stamp.json holds the (size, mtime, ctime,
+# inode) of its files, so a file changed since is never loaded. An entry that fails to load is deleted and
+# rebuilt from the bundle's graph.
+
+CACHE_FORMAT = 1
+_GRAPH, _DATA, _STAMP = "graph.onnx", "graph.onnx.data", "stamp.json"
+
+
+def _cpu_id() -> str:
+    """The machine and a digest of its CPU feature flags (/proc/cpuinfo), which decide MLAS kernels and layouts."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features", "isa"):  # x86, ARM, RISC-V
+                flags.update(value.split())
+    detail = " ".join(sorted(flags)) or platform.processor()
+    return f"{platform.machine()}-{hashlib.sha256(detail.encode()).hexdigest()[:16]}"
+
+
+def cache_key(ort, graph_sha256: str, provider: str, level: str) -> str:
+    """The hex digest naming a cache entry: everything the saved graph depends on."""
+    fields = {"format": CACHE_FORMAT, "graph": graph_sha256, "ort": ort.__version__,
+              "build": ort.get_build_info(), "provider": provider, "level": level, "cpu": _cpu_id()}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _file_stamps(entry: Path) -> dict[str, list[int]]:
+    stamps = {}
+    for f in sorted(entry.iterdir()):
+        if f.name != _STAMP:
+            st = f.stat()
+            stamps[f.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return stamps
+
+
+def _entry_intact(entry: Path) -> bool:
+    """The entry's files are exactly those stamped when it was written, unchanged (a stat each)."""
+    try:
+        stamps = json.loads(integrity.read_regular(entry / _STAMP, 1 << 16))
+        return stamps == _file_stamps(entry) and _GRAPH in stamps
+    except (integrity.BundleError, OSError, ValueError):
+        return False
+
+
+def _drop(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class OrtEngine:
@@ -109,28 +180,103 @@ class OrtEngine:
         ort = import_onnxruntime()
         if hasattr(ort, "preload_dlls") and self.options.device != "cpu":
             ort.preload_dlls()  # NVIDIA runtime wheels, when onnxruntime-gpu[cuda] installed them
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.options.threads:
-            so.intra_op_num_threads = self.options.threads
         path = self.spec.path
         if not path.is_file():
             raise EngineError(f"{path}: graph file is missing")
+        providers = self._providers(ort)
+        entry = self._cache_entry(ort)
+        sess = self._open_cached(ort, entry, providers) if entry is not None else None
+        if sess is None:
+            sess = self._open_saving(ort, entry, providers) if entry is not None else None
+        if sess is None:
+            sess = self._open(ort, path, self._session_options(ort, "ORT_ENABLE_ALL"), providers)
+            self._check(sess)
+        self._output_names = [o.name for o in sess.get_outputs()]
+        return sess
+
+    def _session_options(self, ort, level: str):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        if self.options.threads:
+            so.intra_op_num_threads = self.options.threads
+        return so
+
+    def _open(self, ort, path: Path, so, providers):
         try:
-            sess = ort.InferenceSession(str(path), so, providers=self._providers(ort))
+            return ort.InferenceSession(str(path), so, providers=providers)
         except EngineError:
             raise
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated models
             raise EngineError(f"{path.name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+    def _check(self, sess) -> None:
+        """The session runs on the requested provider and its I/O is what bundle.json declares."""
+        name = self.spec.path.name
         if sess.get_providers()[0] != PROVIDERS[self.options.device][0]:
-            raise EngineError(f"{path.name}: onnxruntime fell back to {sess.get_providers()[0]} instead of "
+            raise EngineError(f"{name}: onnxruntime fell back to {sess.get_providers()[0]} instead of "
                               f"{PROVIDERS[self.options.device][0]}")
         io = {side: {a.name: (_ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in args}
               for side, args in (("in", sess.get_inputs()), ("out", sess.get_outputs()))}
         check_io(self.spec, io["in"], io["out"])
-        self._output_names = [o.name for o in sess.get_outputs()]
-        return sess
+
+    # ---- the optimized-graph cache (see the banner above the class) ----
+
+    def _cache_entry(self, ort) -> Path | None:
+        """Where this graph's optimized form is kept, or None when it is not cached: the cache is off, the device
+        is not the CPU, or the graph's weights are external data already (saving would copy them for nothing)."""
+        if not self.options.cache_optimized or self.options.device != "cpu":
+            return None
+        sha, external = integrity.graph_digest(self.spec.path)
+        if external:
+            return None
+        key = cache_key(ort, sha, PROVIDERS["cpu"][0], "ORT_ENABLE_ALL")
+        return integrity.cache_dir() / "ort" / f"{self.spec.path.stem}-{key[:32]}"
+
+    def _open_cached(self, ort, entry: Path, providers):
+        """A session on the cached optimized graph (already optimized: loaded at level DISABLE_ALL), or None on a
+        miss. An entry that is changed, fails to load or does not match bundle.json is deleted."""
+        if not entry.is_dir():
+            return None
+        if _entry_intact(entry):
+            try:
+                sess = ort.InferenceSession(str(entry / _GRAPH), self._session_options(ort, "ORT_DISABLE_ALL"),
+                                            providers=providers)
+                self._check(sess)
+                return sess
+            except Exception:  # any failure means a bad entry: it is rebuilt from the bundle's graph
+                pass
+        _drop(entry)
+        return None
+
+    def _open_saving(self, ort, entry: Path, providers):
+        """A session on the bundle's graph that also writes the cache entry (into a temporary directory renamed
+        into place, so readers never see half an entry). None when the entry cannot be written: the caller then
+        opens the graph without saving, and a broken graph raises there."""
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for stale in entry.parent.glob(".tmp-*"):  # left by a writer that was killed (a day is ample)
+                if stale.stat().st_mtime < time.time() - 86400:
+                    _drop(stale)
+            tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+        except OSError:
+            return None
+        so = self._session_options(ort, "ORT_ENABLE_ALL")
+        so.optimized_model_filepath = str(tmp / _GRAPH)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", _DATA)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            try:
+                sess = ort.InferenceSession(str(self.spec.path), so, providers=providers)
+                (tmp / _STAMP).write_text(json.dumps(_file_stamps(tmp)))
+            except Exception:  # disk full, or a broken graph: opened again without saving, which says why
+                return None
+            self._check(sess)
+            with contextlib.suppress(OSError):  # another process renamed its entry into place first
+                os.rename(tmp, entry)
+            return sess
+        finally:
+            _drop(tmp)  # nothing left there once renamed
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session

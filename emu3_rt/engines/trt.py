@@ -28,7 +28,9 @@ def _check(result):
 
 
 def plan_for(bundle: Bundle, key: str) -> Path:
-    """The verified plan path for graph `key` ("decoder", "vq_encoder", "vq_decoder"), or EngineError."""
+    """The verified plan path for graph `key` ("decoder", "image_decoder", "vq_encoder", "vq_decoder"), or
+    EngineError. A `--head both` bundle needs a plan for its image step graph too (export.build_trt builds every
+    graph the bundle has)."""
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
@@ -39,7 +41,9 @@ def plan_for(bundle: Bundle, key: str) -> Path:
         record = json.loads((trt_dir / "plans.json").read_text())
         entry = record["plans"][key]
     except (OSError, ValueError, KeyError):
-        raise EngineError(f"{trt_dir}: no TensorRT plan for {key}; run python -m export.build_trt") from None
+        graph = getattr(bundle, key).path.stem
+        raise EngineError(f"{trt_dir}: no TensorRT plan for {key} ({graph}); run python -m export.build_trt "
+                          f"--bundle {bundle.root}") from None
     prop = _check(cudart.cudaGetDeviceProperties(0))
     sm = f"{prop.major}.{prop.minor}"
     if record.get("sm") != sm or record.get("tensorrt") != trt.__version__:

@@ -1,0 +1,223 @@
+"""The optimized-graph cache of OrtEngine (emu3_rt/engines/ort.py): written under EMU3_RT_CACHE_DIR, reused by the
+next session, keyed by graph sha256 / onnxruntime version / CPU, replaced when corrupt, off on request, and the
+outputs are the same bits with and without it. All on the checked-in tiny bundle (CPU onnxruntime)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import onnxruntime  # noqa: E402
+
+import emu3_rt  # noqa: E402
+from emu3_rt import integrity  # noqa: E402
+from emu3_rt.bundle import load_bundle  # noqa: E402
+from emu3_rt.engines import OrtEngine, OrtOptions  # noqa: E402
+from emu3_rt.engines import ort as ort_engine  # noqa: E402
+from emu3_rt.generate import decode_step, prefill  # noqa: E402
+from emu3_rt.kv_cache import KVCache  # noqa: E402
+from emu3_rt.prompt import make_batch  # noqa: E402
+
+from .conftest import TINY_BUNDLE  # noqa: E402
+
+OFF = OrtOptions(cache_optimized=False)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh per-user cache directory for this test (stamps and optimized graphs)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def bundle(cache):
+    return load_bundle(TINY_BUNDLE)  # after `cache`: its integrity stamps land in the test's directory
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The model paths onnxruntime.InferenceSession is called with, in order."""
+    paths: list[str] = []
+    real = onnxruntime.InferenceSession
+
+    def spy(path, *args, **kwargs):
+        paths.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    return paths
+
+
+def open_session(spec, options: OrtOptions = OrtOptions()):
+    return OrtEngine(spec, options).session
+
+
+def entries(cache) -> dict[str, list[str]]:
+    root = cache / "ort"
+    return {e.name: sorted(f.name for f in e.iterdir()) for e in sorted(root.iterdir())} if root.is_dir() else {}
+
+
+@pytest.fixture
+def embedded_decoder(bundle, tmp_path):
+    """The tiny step graph with its weights inside the graph file (as bundles exported before shared external
+    weights store them): the layout the cache exists for."""
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "decoder_step.onnx"
+    onnx.save(onnx.load(str(bundle.decoder.path)), str(path))
+    assert not integrity.external_data(path)
+    return dataclasses.replace(bundle.decoder, path=path)
+
+
+def step(engine, bundle) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill logits (2, V) and one decode step's logits (2, V) on fixed ids."""
+    kv = KVCache(bundle, 2)
+    batch = make_batch([[5, 9, 2, 7, 11, 3], [4, 4, 8]], None, bundle.tokens.pad)
+    first = prefill(engine, kv, batch, 4)
+    return first, decode_step(engine, kv, np.array([6, 10]), 0)
+
+
+def pixels(engine) -> np.ndarray:
+    codes = np.arange(2 * 4 * 4, dtype=np.int64).reshape(2, 4, 4) % 64
+    return engine.run({"codes": codes})["pixel_values"]
+
+
+def test_written_under_the_cache_dir_and_reused(cache, bundle, opened):
+    open_session(bundle.vq_decoder)
+    (name,) = entries(cache)
+    assert name.startswith("vq_decoder-")
+    assert entries(cache)[name] == ["graph.onnx", "graph.onnx.data", "stamp.json"]
+    entry = cache / "ort" / name
+    mtimes = {f.name: f.stat().st_mtime_ns for f in entry.iterdir()}
+    assert opened == [str(bundle.vq_decoder.path)]
+
+    open_session(bundle.vq_decoder)                                 # a new engine, as in a new process
+    assert opened[1:] == [str(entry / "graph.onnx")]                # the cached graph, not the bundle's
+    assert {f.name: f.stat().st_mtime_ns for f in entry.iterdir()} == mtimes  # read, not rewritten
+
+
+def test_outputs_equal_bit_for_bit(cache, bundle, embedded_decoder, opened):
+    reference = step(OrtEngine(embedded_decoder, OFF), bundle)
+    writing = step(OrtEngine(embedded_decoder), bundle)             # the session that writes the entry
+    cached = step(OrtEngine(embedded_decoder), bundle)              # the session on the cached graph
+    assert opened[-1].endswith("graph.onnx")
+    for got in (writing, cached):
+        for a, b in zip(reference, got):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    images = [pixels(OrtEngine(bundle.vq_decoder, o)) for o in (OFF, OrtOptions(), OrtOptions())]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    assert opened[-1].endswith("graph.onnx")
+    assert len(entries(cache)) == 2
+
+
+@pytest.mark.parametrize("change", ["graph sha256", "onnxruntime version", "onnxruntime build", "cpu"])
+def test_key_covers_what_the_saved_graph_depends_on(cache, bundle, opened, monkeypatch, change):
+    open_session(bundle.sampler)
+    before = set(entries(cache))
+    if change == "graph sha256":
+        real = integrity.graph_digest
+        monkeypatch.setattr(integrity, "graph_digest", lambda p: ("0" * 64, real(p)[1]))
+    elif change == "onnxruntime version":
+        monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
+    elif change == "onnxruntime build":
+        monkeypatch.setattr(onnxruntime, "get_build_info", lambda: "another build")
+    else:
+        monkeypatch.setattr(ort_engine, "_cpu_id", lambda: "riscv64-0000")
+    open_session(bundle.sampler)
+    assert opened == [str(bundle.sampler.path)] * 2                 # built from the bundle's graph both times
+    assert len(set(entries(cache)) - before) == 1 and before <= set(entries(cache))
+
+
+def _truncate_data(entry):
+    data = entry / "graph.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+
+
+def _flip_data_bytes(entry):
+    # same size, still loads, wrong weights: only the stamp (mtime, ctime) tells
+    data = entry / "graph.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[: len(raw) // 2] = bytes(len(raw) // 2)
+    data.write_bytes(bytes(raw))
+
+
+def _garbage_graph_restamped(entry):
+    # the stamp matches, so only onnxruntime can object: the entry must still be dropped and rebuilt
+    (entry / "graph.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    (entry / "stamp.json").write_text(json.dumps(ort_engine._file_stamps(entry)))
+
+
+def _stamp_missing(entry):
+    (entry / "stamp.json").unlink()
+
+
+def _wrong_io_restamped(entry):
+    # a loadable graph with other I/O (the sampler's) under the decoder's key
+    other = next(e for e in entry.parent.iterdir() if e.name.startswith("sampler-"))
+    for f in ("graph.onnx", "graph.onnx.data"):
+        (entry / f).write_bytes((other / f).read_bytes())
+    (entry / "stamp.json").write_text(json.dumps(ort_engine._file_stamps(entry)))
+
+
+@pytest.mark.parametrize("damage", [_truncate_data, _flip_data_bytes, _garbage_graph_restamped, _stamp_missing,
+                                    _wrong_io_restamped])
+def test_a_damaged_entry_is_replaced(cache, bundle, opened, damage):
+    reference = pixels(OrtEngine(bundle.vq_decoder, OFF))
+    open_session(bundle.sampler)
+    open_session(bundle.vq_decoder)
+    entry = next(e for e in (cache / "ort").iterdir() if e.name.startswith("vq_decoder-"))
+    damage(entry)
+
+    assert np.array_equal(pixels(OrtEngine(bundle.vq_decoder)), reference)  # from the bundle's graph
+    assert opened[-1] == str(bundle.vq_decoder.path)
+    assert ort_engine._entry_intact(entry)                          # rebuilt
+    del opened[:]
+    assert np.array_equal(pixels(OrtEngine(bundle.vq_decoder)), reference)
+    assert opened == [str(entry / "graph.onnx")]
+
+
+def test_off_writes_nothing(cache, bundle, opened):
+    for spec in (bundle.decoder, bundle.sampler, bundle.vq_encoder, bundle.vq_decoder):
+        open_session(spec, OFF)
+    assert not (cache / "ort").exists()
+    assert opened == [str(s.path) for s in (bundle.decoder, bundle.sampler, bundle.vq_encoder, bundle.vq_decoder)]
+
+
+def test_graph_with_external_data_is_not_copied(cache, bundle, tmp_path, opened):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(bundle.sampler.path))
+    path = tmp_path / "sampler_ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="sampler_ext.data", size_threshold=0)
+    assert integrity.external_data(path) == {"sampler_ext.data"}
+    open_session(dataclasses.replace(bundle.sampler, path=path))
+    assert opened == [str(path)] and not (cache / "ort").exists()
+
+
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch, opened):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(blocker))           # mkdir under a regular file fails
+    bundle = load_bundle(TINY_BUNDLE)
+    reference = pixels(OrtEngine(bundle.vq_decoder, OFF))
+    assert np.array_equal(pixels(OrtEngine(bundle.vq_decoder)), reference)
+    assert opened == [str(bundle.vq_decoder.path)] * 2
+
+
+def test_chat_caches_no_vq_graph(cache):
+    model = emu3_rt.load()
+    model.chat("hello", max_new_tokens=2, seed=0)
+    names = {n.rsplit("-", 1)[0] for n in entries(cache)}
+    assert "sampler" in names and names <= {"decoder_step", "sampler"}   # the step graph: when weights are inline
+    assert model.engines["vq_decoder"]._session is None and model.engines["vq_encoder"]._session is None
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_cache_optimized_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="cache_optimized"):
+        OrtOptions(cache_optimized=value)
