@@ -21,7 +21,8 @@ _EXPORTS = {
     "Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle",
     "EngineError": "engines",
     "ImageError": "image", "load_image": "image",
-    "ChatResult": "pipeline", "Emu3": "pipeline", "GenerationError": "pipeline", "ImageResult": "pipeline",
+    "ChatResult": "generation", "ChatGeneration": "generation", "GenerationError": "generation",
+    "ImageResult": "generation", "ImageGeneration": "generation", "Emu3": "pipeline",
     "SamplingOptions": "pipeline", "load": "pipeline",
     "PromptError": "prompt",
 }
@@ -30,8 +31,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .bundle import Bundle, BundleError, load_bundle  # noqa: F401
     from .engines import EngineError  # noqa: F401
+    from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult  # noqa: F401
     from .image import ImageError, load_image  # noqa: F401
-    from .pipeline import ChatResult, Emu3, GenerationError, ImageResult, SamplingOptions, load  # noqa: F401
+    from .pipeline import Emu3, SamplingOptions, load  # noqa: F401
     from .prompt import PromptError  # noqa: F401
 
 

@@ -64,23 +64,53 @@ def decode_step(engine: Engine, cache: KVCache, ids: np.ndarray, step: int, logi
     return _run(engine, cache, ids, np.ones_like(ids), pos, f"decode step {step}")[logits_name]
 
 
+class Decoding:
+    """One generation's decode loop, driven by its caller: step() runs one step for every row (the first one
+    prefills the prompt). It owns its KV cache and drops it when the rows finish or on close(), so a server can
+    interleave, stream and cancel generations; `generate` below is the same loop run to the end."""
+
+    def __init__(self, engine: Engine, cache: KVCache, batch: Batch, pick: Pick, opts: LoopOptions):
+        self.engine, self.cache, self.batch, self.pick, self.opts = engine, cache, batch, pick, opts
+        self.tokens = np.zeros((batch.rows // opts.streams, 0), dtype=np.int64)    # (B, n) generated so far
+        self.done = np.zeros(self.tokens.shape[0], dtype=bool)                     # (B,) rows past their EOS
+        self.finished = False
+        self._logits: np.ndarray | None = None     # (R, V) for the next pick
+        self._fed: np.ndarray | None = None        # (B,) ids chosen last step, not yet run through the model
+
+    def step(self) -> np.ndarray | None:
+        """One step: the (B,) ids chosen for every row, or None once finished (EOS everywhere, the token budget,
+        or close()). The model runs lazily, so a generation closed after a step never pays for the next one."""
+        if self.finished:
+            return None
+        opts, n = self.opts, self.tokens.shape[1]
+        if self._fed is None:
+            self._logits = prefill(self.engine, self.cache, self.batch, opts.prefill_chunk)
+        else:   # every stream of a sequence (CFG's cond and uncond rows) gets the id
+            self._logits = decode_step(self.engine, self.cache, np.tile(self._fed, opts.streams), n - 1)
+        columns = self.pick(self._logits, self.tokens)                        # (B,) logits columns
+        chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
+        ids = np.where(self.done, opts.pad_id, chosen)                         # finished rows get pad
+        self.tokens = np.concatenate([self.tokens, ids[:, None]], axis=1)
+        self.done |= ids == opts.eos_id
+        self._fed = ids
+        if self.done.all() or n + 1 == opts.max_new_tokens:
+            self.close()
+        return ids
+
+    def close(self) -> None:
+        """Finish now and release the KV cache (idempotent)."""
+        self.finished = True
+        self.cache = self._logits = None
+
+
 def generate(engine: Engine, cache: KVCache, batch: Batch, pick: Pick, opts: LoopOptions,
              on_token: OnToken | None = None) -> np.ndarray:
     """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
-    streams = opts.streams
-    logits = prefill(engine, cache, batch, opts.prefill_chunk)
-    tokens = np.zeros((batch.rows // streams, 0), dtype=np.int64)
-    done = np.zeros(tokens.shape[0], dtype=bool)
-    for step in range(opts.max_new_tokens):
-        columns = pick(logits, tokens)                                       # (B,) logits columns
-        chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
-        ids = np.where(done, opts.pad_id, chosen)                                # (B,)
-        tokens = np.concatenate([tokens, ids[:, None]], axis=1)
-        done |= ids == opts.eos_id
-        if on_token is not None:
-            on_token(step, ids)
-        if done.all() or step + 1 == opts.max_new_tokens:
-            break
-        logits = decode_step(engine, cache, np.tile(ids, streams), step)      # every stream gets the id
-    return tokens
-
+    run = Decoding(engine, cache, batch, pick, opts)
+    try:
+        while (ids := run.step()) is not None:
+            if on_token is not None:
+                on_token(run.tokens.shape[1] - 1, ids)
+    finally:
+        run.close()
+    return run.tokens

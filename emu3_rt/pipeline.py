@@ -8,11 +8,9 @@ generate_image:  prompt ids (+ negative prompt ids under CFG) -> generate with t
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import threading
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +18,24 @@ import numpy as np
 from PIL import Image
 
 from . import image as imaging
+from .argcheck import (
+    as_callback,
+    as_flag,
+    as_int,
+    as_prompts,
+    as_real,
+    as_seed,
+    as_text,
+    as_texts,
+    image_lists,
+    kind,
+    open_image,
+)
 from .bundle import Bundle, BundleError, load_bundle
 from .engines import Engine, OrtEngine, OrtOptions
 from .engines.ort import check_threads
-from .generate import LoopOptions, generate
+from .generate import Decoding, LoopOptions
+from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult, check_image_tokens  # noqa: F401
 from .graph_sampler import GraphSampler
 from .kv_cache import KVCache
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
@@ -33,116 +45,6 @@ from .sampling import ChainPicker, Greedy, Sample, VisualGridConstraint, build_c
 _HERE = Path(__file__).resolve().parent
 DEFAULT_BUNDLE = next((p for p in (_HERE.parent / "models" / "emu3-tiny", _HERE / "models" / "emu3-tiny")
                        if (p / "bundle.json").is_file()), _HERE / "models" / "emu3-tiny")
-
-
-class GenerationError(RuntimeError):
-    """Generation finished but its output is not what the model must produce (e.g. a broken image grid)."""
-
-
-# ---- argument checks at the API boundary: one TypeError / ValueError line naming the argument ----
-# Nothing is coerced from another kind (b"x" never becomes "b'x'", 2.5 never becomes 2); numpy scalars are
-# accepted and turned into Python ints and floats, so options stay JSON-serialisable for the PNG metadata.
-
-def _kind(value) -> str:
-    t = type(value)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {_kind(value)}")
-    value = int(value)
-    if hi is not None and not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {_kind(value)}")
-    try:
-        return float(value)
-    except OverflowError:  # an int past float range (10**400)
-        raise ValueError(f"{name} is out of float range") from None
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {_kind(value)}")
-    return bool(value)
-
-
-def _text(name: str, value) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be str or None, got {_kind(value)}")
-    return value
-
-
-def _texts(name: str, value) -> list[str]:
-    """str, or a sequence (list, tuple) of str -> list[str]."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)):
-        raise TypeError(f"{name} must be str or a sequence of str, got {_kind(value)}")
-    for x in value:
-        if not isinstance(x, str):
-            raise TypeError(f"{name} must be str or a sequence of str, got a {_kind(value)} holding {_kind(x)}")
-    return list(value)
-
-
-def _callback(name: str, value):
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be callable or None, got {_kind(value)}")
-    return value
-
-
-def _seed(value) -> int | None:
-    # 32 bits: what _seeded draws, the CLI prints and the PNG metadata records
-    return None if value is None else _int("seed", value, 0, 2**32 - 1)
-
-
-def _prompts(value) -> list[str]:
-    prompts = _texts("prompts", value)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise PromptError("the prompt is empty")
-    return prompts
-
-
-def _image_like(value) -> bool:
-    return isinstance(value, (Image.Image, str, os.PathLike))
-
-
-def _image_lists(images, n: int) -> list[list]:
-    """`images` of chat -> one list per prompt of PIL images or paths (str / os.PathLike), types checked only.
-
-    One prompt: None, one image or path, or a sequence of them. A batch: None, or one entry per prompt, each
-    None, one image or path, or a sequence of them.
-    """
-    def one(x) -> list:
-        if x is None:
-            return []
-        if _image_like(x):
-            return [x]
-        if not isinstance(x, Sequence) or isinstance(x, (bytes, bytearray)):
-            raise TypeError(f"images must be a PIL image, a file path or a sequence of them, got {_kind(x)}")
-        for im in x:
-            if not _image_like(im):
-                raise TypeError(f"images must hold PIL images or file paths (str, os.PathLike), got {_kind(im)}")
-        return list(x)
-
-    if n == 1 or images is None or (isinstance(images, (list, tuple)) and not images):  # [] for a batch: none
-        return [one(images)] + [[] for _ in range(n - 1)]
-    if _image_like(images) or not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
-        raise TypeError(f"images for {n} prompts must be a sequence with one entry per prompt, got {_kind(images)}")
-    if len(images) != n:
-        raise PromptError(f"{n} prompts but {len(images)} image lists")
-    return [one(x) for x in images]
-
-
-def _open_image(x) -> Image.Image:
-    return x if isinstance(x, Image.Image) else imaging.load_image(x)
 
 
 @dataclass(frozen=True)
@@ -156,10 +58,10 @@ class SamplingOptions:
 
     def __post_init__(self):
         # types here; ranges in validate(), which checks them only when sampling
-        object.__setattr__(self, "greedy", _flag("greedy", self.greedy))
-        object.__setattr__(self, "temperature", _real("temperature", self.temperature))
-        object.__setattr__(self, "top_k", _int("top_k", self.top_k))
-        object.__setattr__(self, "top_p", _real("top_p", self.top_p))
+        object.__setattr__(self, "greedy", as_flag("greedy", self.greedy))
+        object.__setattr__(self, "temperature", as_real("temperature", self.temperature))
+        object.__setattr__(self, "top_k", as_int("top_k", self.top_k))
+        object.__setattr__(self, "top_p", as_real("top_p", self.top_p))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **overrides) -> SamplingOptions:
@@ -179,32 +81,11 @@ class SamplingOptions:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-@dataclass(frozen=True)
-class ChatResult:
-    texts: list[str]
-    prompt_ids: list[list[int]]
-    tokens: list[list[int]]     # generated ids per row, EOS included when reached
-    seed: int | None
-    seeds: list[int] | None = None  # per row: seed + i; running prompt i alone with seeds[i] reproduces it
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    images: list[Image.Image]
-    prompt_ids: list[list[int]]
-    tokens: list[list[int]]     # h*(w+1)+3 ids per row: visual rows with EOL, then EOF, EOI, EOS
-    grids: list[tuple[int, int]]
-    seed: int | None
-    negative_prompt: str | None
-    cfg_scale: float
-    seeds: list[int] | None = None  # per image: seed + i; running prompt i alone with seeds[i] reproduces it
-
-
 def _sampling(value, bundle: Bundle) -> SamplingOptions:
     if value is None:
         value = SamplingOptions.from_bundle(bundle)
     elif not isinstance(value, SamplingOptions):
-        raise TypeError(f"sampling must be a SamplingOptions or None, got {_kind(value)}")
+        raise TypeError(f"sampling must be a SamplingOptions or None, got {kind(value)}")
     value.validate()
     return value
 
@@ -220,12 +101,14 @@ def row_seeds(seed: int, rows: int) -> list[int]:
     return [(seed + i) % 2**32 for i in range(rows)]
 
 
-def _seeded(options: SamplingOptions, seed: int | None, rows: int):
-    """The selector, the seed actually used and the per-row seeds (None, None for greedy decoding)."""
+def _seeded(options: SamplingOptions, seed: int | list[int] | None, rows: int):
+    """The selector, the seed actually used and the per-row seeds (None, None for greedy decoding). A list gives
+    each row its own seed (a server batching requests); the reported seed is then the first row's."""
     if options.greedy:
         return Greedy(), None, None
     seed = random_seed() if seed is None else seed
-    seeds = row_seeds(seed, rows)
+    seeds = list(seed) if isinstance(seed, list) else row_seeds(seed, rows)
+    seed = seeds[0]
     return Sample([np.random.default_rng(s) for s in seeds]), seed, seeds
 
 
@@ -245,39 +128,23 @@ class Route:
 
 
 class Emu3:
-    """One loaded bundle. Safe to share between threads: each call holds the model's lock while it runs."""
+    """One loaded bundle. Safe to share between threads: every call (and every generation from start_chat /
+    start_image) owns its own decode state; the engines are thread-safe, so nothing is locked for a whole image."""
 
     def __init__(self, bundle: Bundle, engines: dict[str, Engine], prefill_chunk: int | None = None):
         self.bundle = bundle
         self.engines = engines
         # prompt tokens per prefill call (the bundle's default: 512)
         chunk = bundle.search["prefill_chunk"] if prefill_chunk is None else prefill_chunk
-        self.prefill_chunk = _int("prefill_chunk", chunk, 1)
+        self.prefill_chunk = as_int("prefill_chunk", chunk, 1)
         self.prompts = PromptEncoder(bundle)
         try:
             self.image_config = imaging.ImageConfig.from_manifest(bundle.manifest["image_processor"])
         except (TypeError, ValueError) as e:
             raise BundleError(f"image_processor: {e}") from None
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread id of the call holding the lock (to refuse re-entry)
         # id -> code table for decoding generated images (-1 for non-visual ids)
         self._id_to_code = np.full(bundle.vocab_size, -1, dtype=np.int64)
         self._id_to_code[bundle.visual_ids] = np.arange(len(bundle.visual_ids))
-
-    @contextmanager
-    def _exclusive(self, method: str):
-        """Hold the model's lock for one call. Other threads wait; the calling thread re-entering (from one of
-        its own callbacks) would wait for itself forever, so that raises instead."""
-        me = threading.get_ident()
-        if self._owner == me:
-            raise RuntimeError(f"Emu3.{method} called from inside its own callback (on_token/on_text/on_preview); "
-                               f"one call runs at a time: make the call after this one returns")
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
 
     def route(self, task: str) -> Route:
         """The engines a task decodes with. "chat": the decoder (full vocabulary). "image": the image step graph
@@ -340,18 +207,48 @@ class Emu3:
             return GraphSampler(route.sampler, **params, rng=rngs).pick, seed, seeds
         return ChainPicker(build_chain(**params), select), seed, seeds
 
-    def _run(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int, on_token) -> np.ndarray:
-        cache = KVCache(self.bundle, batch.rows)
+    def _decoding(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int) -> Decoding:
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=route.logit_ids)
-        return generate(route.step, cache, batch, pick, opts, on_token)
+        return Decoding(route.step, KVCache(self.bundle, batch.rows), batch, pick, opts)
 
     # ---- chat ----
 
+    def start_chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
+                   raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
+                   seed: int | Sequence[int] | None = None, allow_special_tokens: bool = False) -> ChatGeneration:
+        """Check the arguments, encode the images and prompts, and return the generation ready to step (see
+        generation.py); `chat` runs it to the end. Arguments as `chat`."""
+        prompts = as_prompts(prompts)
+        per_prompt = image_lists(images, len(prompts))
+        system, raw = as_text("system", system), as_flag("raw", raw)
+        allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
+        sampling, seed = _sampling(sampling, self.bundle), as_seed(seed, len(prompts))
+        max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        max_new = as_int("max_new_tokens", max_new, 1)
+        if self.bundle.logit_ids is not None:
+            raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
+        per_prompt = [[open_image(x) for x in ims] for ims in per_prompt]  # paths -> images, after cheap checks
+        codes = self.encode_images([im for ims in per_prompt for im in ims])
+        ids, k = [], 0
+        for text, ims in zip(prompts, per_prompt):
+            prompt = self.prompts.chat_fragments(text, len(ims), system=system, raw=raw,
+                                                 allow_special_tokens=allow_special_tokens)
+            ids.append(self.prompts.encode_chat(prompt, codes[k: k + len(ims)], allow_special_tokens))
+            k += len(ims)
+        longest = max(map(len, ids))
+        room = self.bundle.context_length - longest
+        if room < 1:
+            raise PromptError(f"the prompt is {longest} tokens; the model's context is {self.bundle.context_length}")
+        route = self.route("chat")
+        pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts), route)
+        decoding = self._decoding(route, make_batch(ids, None, self.bundle.tokens.pad), pick, min(max_new, room), 1)
+        return ChatGeneration(self.prompts, self.bundle.tokens.eos, decoding, ids, seed, seeds)
+
     def chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
              raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
-             seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
+             seed: int | Sequence[int] | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
              on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False) -> ChatResult:
         """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
         An image is a PIL image or a file path (str / os.PathLike, read with `load_image`).
@@ -360,71 +257,36 @@ class Emu3:
         raw=True uses the text as is, with one `<image>` placeholder per image. on_text(row, delta) streams text.
         Special-token strings typed in prompts or the system message stay literal text (`<image>` excepted);
         allow_special_tokens=True turns them into control ids, as Transformers' processor does.
+        seed: one int (row i draws from seed + i) or one per prompt.
         """
-        prompts = _prompts(prompts)
-        per_prompt = _image_lists(images, len(prompts))
-        system, raw = _text("system", system), _flag("raw", raw)
-        allow_special_tokens = _flag("allow_special_tokens", allow_special_tokens)
-        sampling, seed = _sampling(sampling, self.bundle), _seed(seed)
-        on_token, on_text = _callback("on_token", on_token), _callback("on_text", on_text)
-        max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        max_new = _int("max_new_tokens", max_new, 1)
-        if self.bundle.logit_ids is not None:
-            raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
-        per_prompt = [[_open_image(x) for x in ims] for ims in per_prompt]  # paths -> images, after cheap checks
-        with self._exclusive("chat"):
-            codes = self.encode_images([im for ims in per_prompt for im in ims])
-            ids, k = [], 0
-            for text, ims in zip(prompts, per_prompt):
-                prompt = self.prompts.chat_fragments(text, len(ims), system=system, raw=raw,
-                                                     allow_special_tokens=allow_special_tokens)
-                ids.append(self.prompts.encode_chat(prompt, codes[k: k + len(ims)], allow_special_tokens))
-                k += len(ims)
-            longest = max(map(len, ids))
-            room = self.bundle.context_length - longest
-            if room < 1:
-                raise PromptError(f"the prompt is {longest} tokens; the model's context is "
-                                  f"{self.bundle.context_length}")
-            max_new = min(max_new, room)
-            route = self.route("chat")
-            pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts), route)
-            stream = _TextStream(self.prompts, len(prompts), self.bundle.tokens.eos, on_text) if on_text else None
-
-            def tick(step, new):
-                if stream:
-                    stream(new)
+        on_token, on_text = as_callback("on_token", on_token), as_callback("on_text", on_text)
+        gen = self.start_chat(prompts, images, system=system, raw=raw, max_new_tokens=max_new_tokens,
+                              sampling=sampling, seed=seed, allow_special_tokens=allow_special_tokens)
+        with closing(gen):
+            while (ids := gen.step()) is not None:
+                for row, delta in enumerate(gen.text_deltas() if on_text else ()):
+                    if delta:
+                        on_text(row, delta)
                 if on_token:
-                    on_token(step, new)
-
-            tokens = self._run(route, make_batch(ids, None, self.bundle.tokens.pad), pick, max_new, 1, tick)
-        rows = [_until_eos(t, self.bundle.tokens.eos) for t in tokens]
-        texts = [self.prompts.decode(r) for r in rows]
-        return ChatResult(texts, ids, rows, seed, seeds)
+                    on_token(gen.steps - 1, ids)
+            return gen.result()
 
     # ---- text to image ----
 
-    def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
-                       cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
-                       image_area: int | None = None, sampling: SamplingOptions | None = None,
-                       seed: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
-                       on_preview: Callable[[int, int, Image.Image], None] | None = None,
-                       preview_every: int = 0, allow_special_tokens: bool = False) -> ImageResult:
-        """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
-
-        ratio is "W:H" (one for all prompts, or one per prompt); image_area is in pixels. on_preview(row,
-        rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
-        Special-token strings in the prompts stay literal text unless allow_special_tokens=True (Transformers' way).
-        """
-        prompts = _prompts(prompts)
-        negative_prompt = _text("negative_prompt", negative_prompt)
-        cfg_scale = None if cfg_scale is None else _real("cfg_scale", cfg_scale)
-        if ratio is not None and not _texts("ratio", ratio):
+    def start_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+                    cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
+                    image_area: int | None = None, sampling: SamplingOptions | None = None,
+                    seed: int | Sequence[int] | None = None, allow_special_tokens: bool = False) -> ImageGeneration:
+        """Check the arguments, encode the prompts, and return the generation ready to step (see generation.py);
+        `generate_image` runs it to the end. Arguments as `generate_image`."""
+        prompts = as_prompts(prompts)
+        negative_prompt = as_text("negative_prompt", negative_prompt)
+        cfg_scale = None if cfg_scale is None else as_real("cfg_scale", cfg_scale)
+        if ratio is not None and not as_texts("ratio", ratio):
             raise ValueError("ratio must be a \"W:H\" string or a non-empty sequence of them, got an empty one")
-        image_area = None if image_area is None else _int("image_area", image_area, 1)
-        sampling, seed = _sampling(sampling, self.bundle), _seed(seed)
-        on_token, on_preview = _callback("on_token", on_token), _callback("on_preview", on_preview)
-        preview_every = _int("preview_every", preview_every, 0)
-        allow_special_tokens = _flag("allow_special_tokens", allow_special_tokens)
+        image_area = None if image_area is None else as_int("image_area", image_area, 1)
+        sampling, seed = _sampling(sampling, self.bundle), as_seed(seed, len(prompts))
+        allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
         s = self.bundle.search
         cfg = s["cfg_scale"] if cfg_scale is None else cfg_scale
         if not (math.isfinite(cfg) and cfg >= 0):
@@ -462,86 +324,40 @@ class Emu3:
             heights=np.array([h for h, _ in grids]), widths=np.array([w for _, w in grids]),
             visual_ids=col(np.sort(self.bundle.visual_ids)), eol=col(t.eol), eof=col(t.eof), eoi=col(t.eoi),
             eos=col(t.eos), pad=col(t.pad), vocab_size=route.columns)
-        with self._exclusive("generate_image"):
-            pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts), route)
-            preview = _Preview(self, grids, preview_every, on_preview) if on_preview and preview_every > 0 else None
+        pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts), route)
+        decoding = self._decoding(route, make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
+                                  2 if use_cfg else 1)
+        return ImageGeneration(self, decoding, cond, grids, seed, seeds, negative, cfg)
 
-            def tick(step, new):
-                if preview:
-                    preview(new)
+    def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+                       cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
+                       image_area: int | None = None, sampling: SamplingOptions | None = None,
+                       seed: int | Sequence[int] | None = None,
+                       on_token: Callable[[int, np.ndarray], None] | None = None,
+                       on_preview: Callable[[int, int, Image.Image], None] | None = None,
+                       preview_every: int = 0, allow_special_tokens: bool = False) -> ImageResult:
+        """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
+
+        ratio is "W:H" (one for all prompts, or one per prompt); image_area is in pixels. on_preview(row,
+        rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
+        Special-token strings in the prompts stay literal text unless allow_special_tokens=True (Transformers' way).
+        seed: one int (image i draws from seed + i) or one per prompt.
+        """
+        on_token, on_preview = as_callback("on_token", on_token), as_callback("on_preview", on_preview)
+        preview_every = as_int("preview_every", preview_every, 0)
+        gen = self.start_image(prompts, negative_prompt=negative_prompt, cfg_scale=cfg_scale, ratio=ratio,
+                               image_area=image_area, sampling=sampling, seed=seed,
+                               allow_special_tokens=allow_special_tokens)
+        shown = [0] * gen.rows
+        with closing(gen):
+            while (ids := gen.step()) is not None:
+                for i, rows in enumerate(gen.rows_done() if on_preview and preview_every else ()):
+                    if rows > shown[i] and (rows % preview_every == 0 or rows == gen.grids[i][0]):
+                        shown[i] = rows
+                        on_preview(i, rows, gen.preview(i))
                 if on_token:
-                    on_token(step, new)
-
-            tokens = self._run(route, make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
-                               2 if use_cfg else 1, tick)
-            images: list[Image.Image | None] = [None] * len(prompts)
-            for (h, w) in sorted(set(grids)):
-                idx = [i for i, g in enumerate(grids) if g == (h, w)]
-                for i in idx:
-                    check_image_tokens(tokens[i], h, w, self.bundle)
-                for i, im in zip(idx, self.decode_image(tokens[idx], h, w)):
-                    images[i] = im
-        rows = [tokens[i, : h * (w + 1) + 3].tolist() for i, (h, w) in enumerate(grids)]
-        return ImageResult(images, cond, rows, grids, seed, negative, cfg, seeds)
-
-
-def check_image_tokens(tokens: np.ndarray, h: int, w: int, bundle: Bundle) -> None:
-    """h*(w+1)+3 tokens: w visual ids and an EOL per row, then EOF, EOI, EOS. Raises GenerationError otherwise."""
-    t, n = bundle.tokens, h * (w + 1)
-    if len(tokens) < n + 3:
-        raise GenerationError(f"the image stopped after {len(tokens)} of {n + 3} tokens")
-    grid = np.asarray(tokens[:n]).reshape(h, w + 1)
-    visual = np.isin(grid[:, :w], bundle.visual_ids)
-    if not (grid[:, w] == t.eol).all() or not visual.all() or list(tokens[n: n + 3]) != [t.eof, t.eoi, t.eos]:
-        raise GenerationError(f"the generated tokens do not form a {h}x{w} image grid (EOL per row, EOF, EOI, EOS)")
-
-
-def _until_eos(tokens: np.ndarray, eos: int) -> list[int]:
-    hits = np.flatnonzero(tokens == eos)
-    return tokens[: hits[0] + 1].tolist() if len(hits) else tokens.tolist()
-
-
-class _TextStream:
-    """Turns per-step ids into text deltas per row (decoding the whole row each time keeps UTF-8 intact)."""
-
-    def __init__(self, prompts: PromptEncoder, rows: int, eos: int, on_text):
-        self.prompts, self.eos, self.on_text = prompts, eos, on_text
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.text = [""] * rows
-        self.done = [False] * rows
-
-    def __call__(self, new: np.ndarray) -> None:
-        for r, tok in enumerate(new.tolist()):
-            if self.done[r]:
-                continue
-            self.done[r] = tok == self.eos
-            self.ids[r].append(tok)
-            text = self.prompts.decode(self.ids[r])
-            if len(text) > len(self.text[r]) and not text.endswith("\ufffd"):
-                self.on_text(r, text[len(self.text[r]):])
-                self.text[r] = text
-
-
-class _Preview:
-    """Every `every` completed grid rows, decode what exists and paste it on a grey canvas."""
-
-    def __init__(self, model: Emu3, grids, every: int, on_preview):
-        self.model, self.grids, self.every, self.on_preview = model, grids, every, on_preview
-        self.tokens: list[list[int]] = [[] for _ in grids]
-        self.shown = [0] * len(grids)
-
-    def __call__(self, new: np.ndarray) -> None:
-        for r, tok in enumerate(new.tolist()):
-            h, w = self.grids[r]
-            self.tokens[r].append(tok)
-            rows = min(h, len(self.tokens[r]) // (w + 1))
-            if rows > self.shown[r] and (rows % self.every == 0 or rows == h):
-                self.shown[r] = rows
-                part = self.model.decode_image(np.array([self.tokens[r][: rows * (w + 1)]]), rows, w)[0]
-                f = self.model.bundle.spatial_factor
-                canvas = Image.new("RGB", (w * f, h * f), (128, 128, 128))
-                canvas.paste(part, (0, 0))
-                self.on_preview(r, rows, canvas)
+                    on_token(gen.steps - 1, ids)
+            return gen.result()
 
 
 def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
@@ -560,17 +376,17 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     """
     # every argument is checked before the bundle is read
     if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):
-        raise TypeError(f"bundle_dir must be a path (str or os.PathLike) or None, got {_kind(bundle_dir)}")
+        raise TypeError(f"bundle_dir must be a path (str or os.PathLike) or None, got {kind(bundle_dir)}")
     for name, value in (("engine", engine), ("device", device)):
         if not isinstance(value, str):
-            raise TypeError(f"{name} must be str, got {_kind(value)}")
+            raise TypeError(f"{name} must be str, got {kind(value)}")
     if engine not in ("ort", "trt"):
         raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
     if sampler not in (None, "graph", "numpy"):
         raise ValueError(f"sampler must be 'graph', 'numpy' or None, got {sampler!r:.40}")
-    threads, verify = check_threads(threads), _flag("verify", verify)
-    device_id = _int("device_id", device_id, 0)
-    prefill_chunk = None if prefill_chunk is None else _int("prefill_chunk", prefill_chunk, 1)
+    threads, verify = check_threads(threads), as_flag("verify", verify)
+    device_id = as_int("device_id", device_id, 0)
+    prefill_chunk = None if prefill_chunk is None else as_int("prefill_chunk", prefill_chunk, 1)
     bundle = load_bundle(DEFAULT_BUNDLE if bundle_dir is None else bundle_dir, verify=verify)
     if sampler == "graph" and (bundle.sampler is None or engine != "ort"):
         raise ValueError("sampler='graph' needs a bundle exported with a sampler graph and engine 'ort'"

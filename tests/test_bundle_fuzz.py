@@ -51,16 +51,22 @@ def edits(draw):
     return out
 
 
+def _has(node, key) -> bool:
+    """Whether `node[key]` exists (an earlier edit may have replaced a dict by a list or a number)."""
+    if isinstance(node, dict):
+        return key in node
+    return isinstance(node, list) and isinstance(key, int) and key < len(node)
+
+
 def _apply(manifest, edit) -> None:
     path, kind, arg = edit
     node = manifest
     for key in path[:-1]:
-        if isinstance(node, (dict, list)) and (key in node if isinstance(node, dict) else key < len(node)):
-            node = node[key]
-        else:
+        if not _has(node, key):
             return  # an earlier edit removed the way there
+        node = node[key]
     key = path[-1]
-    if not (isinstance(node, dict) and key in node) and not (isinstance(node, list) and key < len(node)):
+    if not _has(node, key):
         return
     if kind == "replace":
         node[key] = arg

@@ -1,0 +1,126 @@
+"""Argument checks at the API boundary: one TypeError / ValueError line naming the argument.
+
+Nothing is coerced from another kind (b"x" never becomes "b'x'", 2.5 never becomes 2); numpy scalars are accepted
+and turned into Python ints and floats, so options stay JSON-serialisable for the PNG metadata.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import image as imaging
+from .prompt import PromptError
+
+
+def kind(value) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def as_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {kind(value)}")
+    value = int(value)
+    if hi is not None and not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def as_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {kind(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past float range (10**400)
+        raise ValueError(f"{name} is out of float range") from None
+
+
+def as_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {kind(value)}")
+    return bool(value)
+
+
+def as_text(name: str, value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be str or None, got {kind(value)}")
+    return value
+
+
+def as_texts(name: str, value) -> list[str]:
+    """str, or a sequence (list, tuple) of str -> list[str]."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{name} must be str or a sequence of str, got {kind(value)}")
+    for x in value:
+        if not isinstance(x, str):
+            raise TypeError(f"{name} must be str or a sequence of str, got a {kind(value)} holding {kind(x)}")
+    return list(value)
+
+
+def as_callback(name: str, value):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {kind(value)}")
+    return value
+
+
+def as_seed(value, rows: int = 1) -> int | list[int] | None:
+    """None (random), one 32-bit int (row i draws from seed + i), or one 32-bit int per row. 32 bits: what the CLI
+    prints and the PNG metadata records."""
+    if value is None or isinstance(value, numbers.Integral):
+        return None if value is None else as_int("seed", value, 0, 2**32 - 1)
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"seed must be an int, a sequence of ints or None, got {kind(value)}")
+    if len(value) != rows:
+        raise ValueError(f"seed holds {len(value)} seeds for {rows} prompts")
+    return [as_int("seed", x, 0, 2**32 - 1) for x in value]
+
+
+def as_prompts(value) -> list[str]:
+    prompts = as_texts("prompts", value)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise PromptError("the prompt is empty")
+    return prompts
+
+
+def is_image_like(value) -> bool:
+    return isinstance(value, (Image.Image, str, os.PathLike))
+
+
+def image_lists(images, n: int) -> list[list]:
+    """`images` of chat -> one list per prompt of PIL images or paths (str / os.PathLike), types checked only.
+
+    One prompt: None, one image or path, or a sequence of them. A batch: None, or one entry per prompt, each
+    None, one image or path, or a sequence of them.
+    """
+    def one(x) -> list:
+        if x is None:
+            return []
+        if is_image_like(x):
+            return [x]
+        if not isinstance(x, Sequence) or isinstance(x, (bytes, bytearray)):
+            raise TypeError(f"images must be a PIL image, a file path or a sequence of them, got {kind(x)}")
+        for im in x:
+            if not is_image_like(im):
+                raise TypeError(f"images must hold PIL images or file paths (str, os.PathLike), got {kind(im)}")
+        return list(x)
+
+    if n == 1 or images is None or (isinstance(images, (list, tuple)) and not images):  # [] for a batch: none
+        return [one(images)] + [[] for _ in range(n - 1)]
+    if is_image_like(images) or not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
+        raise TypeError(f"images for {n} prompts must be a sequence with one entry per prompt, got {kind(images)}")
+    if len(images) != n:
+        raise PromptError(f"{n} prompts but {len(images)} image lists")
+    return [one(x) for x in images]
+
+
+def open_image(x) -> Image.Image:
+    return x if isinstance(x, Image.Image) else imaging.load_image(x)
