@@ -10,6 +10,7 @@ is built and exported once into benchmarks/.cache/. Every emu3_rt result is asse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -199,34 +200,34 @@ def bench_steps(hf_model, model, context, rows=1, hf_steps=16, greedy=False):
     steps = KV_BLOCK
     rng = np.random.default_rng(1)
     ids = rng.integers(0, model.bundle.vocab_size, context).tolist()
-    engine = TimedEngine(model.engines["decoder"])
-    sampler = model.engines.get("sampler")
-    if sampler is not None:
-        model.engines["sampler"] = sampler = TimedEngine(sampler)
+    # the engines a user's request runs on: an image's (the visual-head graph of a --head both bundle) for the
+    # CFG step, chat's for the plain one; both wrapped to time them
+    route = model.route("image" if rows == 2 else "chat")
+    engine = TimedEngine(route.step)
+    sampler = TimedEngine(route.sampler) if route.sampler is not None else None
+    route = dataclasses.replace(route, step=engine, sampler=sampler)
     sampling = SamplingOptions(greedy=True) if greedy else SamplingOptions.from_bundle(model.bundle)
     grid = None
     if rows == 2:   # an image's step: CFG and the visual grid (16x16: a new row every 17 tokens)
-        t = model.bundle.tokens
-        grid = VisualGridConstraint(heights=np.array([16]), widths=np.array([16]), visual_ids=model.bundle.visual_ids,
-                                    eol=t.eol, eof=t.eof, eoi=t.eoi, eos=t.eos, pad=t.pad,
-                                    vocab_size=model.bundle.decoder.output("logits").dims[1])
-    try:
-        pick, _, _ = model._picker(sampling, 3.0 if rows == 2 else 1.0, grid, 0, 1 if rows == 2 else rows)
-        cache = KVCache(model.bundle, rows)
-        logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
-        engine.seconds = 0.0
-        if sampler is not None:
-            sampler.seconds = 0.0
-        tokens = np.zeros((rows // 2 if rows == 2 else rows, 0), dtype=np.int64)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            nxt = pick(logits, tokens)
-            tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-            logits = decode_step(engine, cache, np.tile(nxt, rows // len(nxt)), step)
-        total = (time.perf_counter() - t0) / steps
-    finally:
-        if sampler is not None:
-            model.engines["sampler"] = sampler.inner
+        t, col = model.bundle.tokens, lambda ids: model._column(route, ids)
+        grid = VisualGridConstraint(heights=np.array([16]), widths=np.array([16]),
+                                    visual_ids=col(np.sort(model.bundle.visual_ids)), eol=col(t.eol),
+                                    eof=col(t.eof), eoi=col(t.eoi), eos=col(t.eos), pad=col(t.pad),
+                                    vocab_size=route.columns)
+    pick, _, _ = model._picker(sampling, 3.0 if rows == 2 else 1.0, grid, 0, 1 if rows == 2 else rows, route)
+    cache = KVCache(model.bundle, rows)
+    logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
+    engine.seconds = 0.0
+    if sampler is not None:
+        sampler.seconds = 0.0
+    tokens = np.zeros((rows // 2 if rows == 2 else rows, 0), dtype=np.int64)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        cols = pick(logits, tokens)
+        nxt = cols if route.logit_ids is None else route.logit_ids[cols]
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        logits = decode_step(engine, cache, np.tile(nxt, rows // len(nxt)), step)
+    total = (time.perf_counter() - t0) / steps
     eng = engine.seconds / steps
     smp = (sampler.seconds / steps) if sampler is not None else 0.0
 
