@@ -83,3 +83,13 @@ def refresh_hash(root: Path, name: str) -> None:
     data = (root / name).read_bytes()
     m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (root / "bundle.json").write_text(json.dumps(m))
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `emu3-rt ARGV` in-process: (exit code, stdout, stderr)."""
+    from emu3_rt.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -12,18 +12,11 @@ import sys
 import pytest
 from PIL import Image
 
-from emu3_rt.cli import build_parser, main
+from emu3_rt.cli import build_parser
 
-from .conftest import REPO
+from .conftest import REPO, cli
 
 FAST = ["--image-area", "4096"]   # an 8x8 grid
-
-
-def cli(capsys, *argv):
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

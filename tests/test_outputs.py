@@ -15,19 +15,11 @@ import pytest
 from PIL import Image
 
 from emu3_rt import output
-from emu3_rt.cli import main
 from emu3_rt.output import ImageOutputs, OutputError
 
-from .conftest import REPO
+from .conftest import REPO, cli
 
 QUICK = ["--image-area", "4096", "--cfg-scale", "1", "--greedy", "--quiet"]   # an 8x8 grid, one row per image
-
-
-def cli(capsys, *argv):
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _count_steps(monkeypatch):

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 import emu3_rt
-from emu3_rt.cli import main
 from emu3_rt.pipeline import SamplingOptions, check_image_tokens
 from emu3_rt.prompt import calculate_generate_size, make_batch
 
-from .conftest import REPO, TINY_BUNDLE
+from .conftest import REPO, TINY_BUNDLE, cli
 
 GREEDY = SamplingOptions(greedy=True)
 
@@ -24,13 +23,6 @@ GREEDY = SamplingOptions(greedy=True)
 @pytest.fixture(scope="module")
 def model():
     return emu3_rt.load(TINY_BUNDLE)
-
-
-def cli(capsys, *argv):
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- API ----
