@@ -2,7 +2,8 @@
 
 Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond rows) that go through the step
 engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
-which are appended to every stream of their sequence.
+which are appended to every stream of their sequence. The KV cache belongs to the decode state (engines/state.py:
+`engine.new_state(...)`, or kv_cache.KVCache for a run()-only engine); the loop hands it ids, mask and positions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engines import Engine, EngineError
-from .kv_cache import KVCache
+from .engines.state import StepState
 from .prompt import Batch
 
 # on_token(step, ids): called after every step with the (B,) ids just chosen
@@ -38,39 +39,39 @@ class LoopOptions:
     logit_ids: np.ndarray | None = None
 
 
-def _run(engine: Engine, cache: KVCache, ids, mask, pos, where: str) -> dict[str, np.ndarray]:
-    """One step-graph call on (R, S) new tokens; the cache takes the presents. Errors name `where`."""
+def _run(engine: Engine, state: StepState, ids, mask, pos, where: str) -> np.ndarray:
+    """One step-graph call on (R, S) new tokens through the state; the last position's logits (R, V). Errors name
+    `where`."""
     try:
-        outputs = engine.run(cache.feeds(ids, mask, pos))
+        return state.step(engine, ids, mask, pos)
     except EngineError as e:
         raise EngineError(f"{where}: {e}") from None
-    cache.advance(outputs, mask, pos)
-    return outputs
 
 
-def prefill(engine: Engine, cache: KVCache, batch: Batch, chunk: int, logits_name: str = "logits") -> np.ndarray:
+def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int) -> np.ndarray:
     """Run the prompt through the step graph in chunks; returns the last position's logits (R, V)."""
     for start in range(0, batch.ids.shape[1], chunk):
         sl = slice(start, start + chunk)
         ids, mask, pos = batch.ids[:, sl], batch.mask[:, sl], batch.positions[:, sl]
-        outputs = _run(engine, cache, ids, mask, pos, f"prefill of prompt tokens {start}..{start + ids.shape[1]}")
-    return outputs[logits_name]
+        logits = _run(engine, state, ids, mask, pos, f"prefill of prompt tokens {start}..{start + ids.shape[1]}")
+    return logits
 
 
-def decode_step(engine: Engine, cache: KVCache, ids: np.ndarray, step: int, logits_name: str = "logits"):
+def decode_step(engine: Engine, state: StepState, ids: np.ndarray, step: int) -> np.ndarray:
     """Feed one new token per row (R,) and return the next logits (R, V)."""
     ids = ids.reshape(-1, 1).astype(np.int64)
-    pos = cache.next_positions.reshape(-1, 1)
-    return _run(engine, cache, ids, np.ones_like(ids), pos, f"decode step {step}")[logits_name]
+    pos = state.next_positions.reshape(-1, 1)
+    return _run(engine, state, ids, np.ones_like(ids), pos, f"decode step {step}")
 
 
 class Decoding:
     """One generation's decode loop, driven by its caller: step() runs one step for every row (the first one
-    prefills the prompt). It owns its KV cache and drops it when the rows finish or on close(), so a server can
-    interleave, stream and cancel generations; `generate` below is the same loop run to the end."""
+    prefills the prompt). It owns its decode state (the KV cache) and closes it when the rows finish or on close(),
+    so a server can interleave, stream and cancel generations; `generate` below is the same loop run to the end."""
 
-    def __init__(self, engine: Engine, cache: KVCache, batch: Batch, pick: Pick, opts: LoopOptions):
-        self.engine, self.cache, self.batch, self.pick, self.opts = engine, cache, batch, pick, opts
+    def __init__(self, engine: Engine, state: StepState, batch: Batch, pick: Pick, opts: LoopOptions):
+        # cache: the decode state (engines/state.py), None once closed
+        self.engine, self.cache, self.batch, self.pick, self.opts = engine, state, batch, pick, opts
         self.tokens = np.zeros((batch.rows // opts.streams, 0), dtype=np.int64)    # (B, n) generated so far
         self.done = np.zeros(self.tokens.shape[0], dtype=bool)                     # (B,) rows past their EOS
         self.finished = False
@@ -98,15 +99,17 @@ class Decoding:
         return ids
 
     def close(self) -> None:
-        """Finish now and release the KV cache (idempotent)."""
+        """Finish now and release the decode state's KV cache (idempotent)."""
         self.finished = True
+        if self.cache is not None:
+            self.cache.close()
         self.cache = self._logits = None
 
 
-def generate(engine: Engine, cache: KVCache, batch: Batch, pick: Pick, opts: LoopOptions,
+def generate(engine: Engine, state: StepState, batch: Batch, pick: Pick, opts: LoopOptions,
              on_token: OnToken | None = None) -> np.ndarray:
     """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
-    run = Decoding(engine, cache, batch, pick, opts)
+    run = Decoding(engine, state, batch, pick, opts)
     try:
         while (ids := run.step()) is not None:
             if on_token is not None:

@@ -1,4 +1,5 @@
-"""KVCache: the one owner of the decoder step's state between calls.
+"""KVCache: the host (numpy) decode state: the one owner of the step's KV cache for onnxruntime CPU and for any
+engine that only has `run(feeds)` (engines/state.py gives the state API; device engines own DeviceStates instead).
 
 It holds, for R rows (cond rows then uncond rows under CFG): K/V per layer (R, kv_heads, T, head_dim), the
 attention mask over those T positions (R, T) and each row's next position id (R,). `feeds()` builds the step
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
+from .engines.state import KVLayout, Owner, Traffic
 
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 
@@ -25,25 +27,30 @@ KV_BLOCK = 256
 
 
 class KVCache:
-    def __init__(self, bundle: Bundle, rows: int):
-        dec = bundle.manifest["model"]["decoder"]
-        dtype = bundle.decoder.input(dec["inputs"]["past_key_names"] % 0).dtype
-        if dtype not in _NUMPY_KV:
-            raise ValueError(f"a {dtype} KV cache cannot live in numpy; use a float32 or float16 bundle")
+    """Host state for R rows. `owner`: the engine whose new_state() made it (refused once that engine is closed or
+    gone); any engine with run() steps it (wrappers that time or count runs). capacity_hint: positions to allocate
+    up front."""
+
+    def __init__(self, layout: KVLayout | Bundle, rows: int, capacity_hint: int = 0, owner=None):
+        layout = KVLayout.from_bundle(layout) if isinstance(layout, Bundle) else layout
+        if layout.dtype not in _NUMPY_KV:
+            raise ValueError(f"a {layout.dtype} KV cache cannot live in numpy; use a float32 or float16 bundle, "
+                             f"or a GPU engine (device='cuda')")
         self.rows = rows
-        self.layout = bundle.kv_cache
-        self.past_names = [dec["inputs"][f"past_{kind}_names"] % i
-                           for i in range(dec["num_hidden_layers"]) for kind in ("key", "value")]
-        self.present_names = [dec["outputs"][f"present_{kind}_names"] % i
-                              for i in range(dec["num_hidden_layers"]) for kind in ("key", "value")]
-        self.io = dec["inputs"]
-        self._shape = (rows, dec["num_key_value_heads"], 0, dec["head_size"])
-        self._dtype = _NUMPY_KV[dtype]
+        self.layout = layout.kind
+        self.names = layout
+        self.past_names, self.present_names = list(layout.past_names), list(layout.present_names)
+        self._shape = (rows, layout.kv_heads, 0, layout.head_size)
+        self._dtype = _NUMPY_KV[layout.dtype]
         # past[i]: (R, KV, C, D) with C = capacity (buffer) or C = length (concat)
         self.past: list[np.ndarray] = [np.zeros(self._shape, self._dtype)] * len(self.past_names)
         self.slot_mask = np.zeros((rows, 0), dtype=np.int64)   # (R, C): 1 = a filled, attended position
         self.length = 0                                          # filled positions
         self.next_positions = np.zeros(rows, dtype=np.int64)
+        self.traffic = Traffic()
+        self._owner = None if owner is None else Owner(owner)
+        if capacity_hint and self.layout == "buffer":
+            self._reserve(capacity_hint)
 
     @property
     def capacity(self) -> int:
@@ -69,8 +76,8 @@ class KVCache:
         """Inputs for new tokens ids/mask/positions (R, S): the mask input covers the past slots + new, (R, C + S)."""
         if self.layout == "buffer":
             self._reserve(self.length + ids.shape[1])
-        feeds = {self.io["input_ids"]: ids, self.io["position_ids"]: positions,
-                 self.io["attention_mask"]: np.concatenate([self.slot_mask, mask], axis=1)}
+        feeds = {self.names.input_ids: ids, self.names.position_ids: positions,
+                 self.names.attention_mask: np.concatenate([self.slot_mask, mask], axis=1)}
         feeds.update(zip(self.past_names, self.past))
         return feeds
 
@@ -86,3 +93,30 @@ class KVCache:
             self.slot_mask = np.concatenate([self.slot_mask, mask], axis=1)
         self.length = n + s
         self.next_positions = positions[:, -1] + 1
+
+    def step(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run `engine` on (R, S) new tokens, keep their K/V, return the last position's logits (R, V). Traffic
+        counts what a device engine would have to move: the feeds the host builds (ids, positions, mask) and the
+        logits it reads; the K/V stay in this cache (host memory is the engine's memory here)."""
+        if self._owner is not None:
+            self._owner.check(engine, same=False)
+        if self.past is None:
+            raise ValueError("this decode state was closed")
+        feeds = self.feeds(ids, mask, positions)
+        outputs = engine.run(feeds)
+        self.advance(outputs, mask, positions)
+        logits = outputs[self.names.logits]
+        sent = sum(feeds[n].nbytes for n in (self.names.input_ids, self.names.position_ids, self.names.attention_mask))
+        self.traffic.add(sent, logits.nbytes)
+        return logits
+
+    def close(self) -> None:
+        """Release the buffers (idempotent)."""
+        self.past = None
+
+
+def new_state(engine, layout: KVLayout | Bundle, rows: int, capacity_hint: int = 0):
+    """The engine's own decode state (engine.new_state) or, for an engine with only run(), a host KVCache."""
+    layout = KVLayout.from_bundle(layout) if isinstance(layout, Bundle) else layout
+    make = getattr(engine, "new_state", None)
+    return make(layout, rows, capacity_hint) if make is not None else KVCache(layout, rows, capacity_hint)

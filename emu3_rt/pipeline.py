@@ -37,7 +37,7 @@ from .engines.ort import check_threads
 from .generate import Decoding, LoopOptions
 from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult, check_image_tokens  # noqa: F401
 from .graph_sampler import GraphSampler
-from .kv_cache import KVCache
+from .kv_cache import new_state
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
 from .sampling import ChainPicker, Greedy, Sample, VisualGridConstraint, build_chain
 
@@ -211,7 +211,8 @@ class Emu3:
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=route.logit_ids)
-        return Decoding(route.step, KVCache(self.bundle, batch.rows), batch, pick, opts)
+        # the step engine's own decode state (device buffers on GPU engines; host numpy on the CPU)
+        return Decoding(route.step, new_state(route.step, self.bundle, batch.rows), batch, pick, opts)
 
     # ---- chat ----
 

@@ -62,3 +62,37 @@ def test_tensorrt_plans_tokens_equal_cpu(tmp_path):
     plan.write_bytes(plan.read_bytes()[:-1] + b"\0")
     with pytest.raises(emu3_rt.EngineError, match="sha256 does not match"):
         emu3_rt.load(bundle, engine="trt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu with a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_device_state_logits_equal_cpu(cuda_graph):
+    """The CUDA decode state (device KV, IOBinding; optionally CUDA graphs) gives the CPU host cache's logits on
+    the tiny bundle, with only ids / positions / mask slots sent per decode step."""
+    pytest.importorskip("cuda.bindings")
+    import numpy as np
+
+    from emu3_rt.bundle import load_bundle
+    from emu3_rt.engines import OrtEngine, OrtOptions
+    from emu3_rt.engines.state import KVLayout
+    from emu3_rt.generate import decode_step, prefill
+    from emu3_rt.prompt import make_batch
+
+    bundle = load_bundle(TINY_BUNDLE)
+    layout, batch = KVLayout.from_bundle(bundle), make_batch([[5, 9, 2, 7, 11, 3], [4, 4, 8]], None, 0)
+    logits = []
+    for engine in (OrtEngine(bundle.decoder), OrtEngine(bundle.decoder, OrtOptions(device="cuda",
+                                                                                   cuda_graph=cuda_graph))):
+        try:
+            state = engine.new_state(layout, 2)
+            out = [prefill(engine, state, batch, 4)]
+            out += [decode_step(engine, state, np.array([6 + i, 10]), i) for i in range(300)]  # crosses a block
+        except emu3_rt.EngineError as e:
+            if cuda_graph and "cannot capture" in str(e):
+                pytest.skip(str(e))
+            raise
+        logits.append(out)
+    for a, b in zip(*logits):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    assert state.traffic.last_h2d == 4 * 2 * 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import numbers
 import os
@@ -60,6 +61,10 @@ class OrtOptions:
     # device "cpu": keep each graph's optimized form in the per-user cache and load that next time (a graph whose
     # weights are already external data is never copied: it has nothing to gain). Ignored on other devices.
     cache_optimized: bool = True
+    # device "cuda": decode steps replay CUDA graphs (onnxruntime's enable_cuda_graph; one graph per decode state
+    # and KV capacity block, kept by onnxruntime until the engine closes, so meant for a dedicated decode process).
+    # A graph onnxruntime cannot capture (nodes outside the CUDA EP) raises EngineError when the session opens.
+    cuda_graph: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "threads", check_threads(self.threads))
@@ -69,6 +74,10 @@ class OrtOptions:
             raise TypeError(f"device_id must be an int, got {type(self.device_id).__name__}")
         if self.device_id < 0:
             raise ValueError(f"device_id must be >= 0, got {self.device_id}")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {type(self.cuda_graph).__name__}")
+        if self.cuda_graph and self.device != "cuda":
+            raise ValueError(f"cuda_graph needs device 'cuda', got {self.device!r}")
 
 
 def import_onnxruntime():
@@ -149,6 +158,8 @@ class OrtEngine:
         self.options = options
         self._session = None
         self._lock = threading.Lock()
+        self.closed = False
+        self._graph_ids = itertools.count(1)   # CUDA graph ids (0 is reserved by onnxruntime, -1 means none)
 
     def _providers(self, ort) -> list:
         wanted = PROVIDERS[self.options.device]
@@ -164,7 +175,8 @@ class OrtEngine:
                 providers.append((name, {**opts, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                                          "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
             elif name == "CUDAExecutionProvider":
-                providers.append((name, opts))
+                graph = {"enable_cuda_graph": "1"} if self.options.cuda_graph else {}
+                providers.append((name, {**opts, **graph}))
             else:
                 providers.append(name)
         return providers
@@ -172,6 +184,8 @@ class OrtEngine:
     @property
     def session(self):
         with self._lock:
+            if self.closed:
+                raise EngineError(f"{self.spec.path.name}: the engine is closed")
             if self._session is None:
                 self._session = self._create()
         return self._session
@@ -208,6 +222,9 @@ class OrtEngine:
         except EngineError:
             raise
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated models
+            if self.options.cuda_graph:
+                raise EngineError(f"{path.name}: onnxruntime cannot capture this graph as a CUDA graph "
+                                  f"({str(e).splitlines()[0][:200]}); run without cuda_graph") from None
             raise EngineError(f"{path.name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
     def _check(self, sess) -> None:
@@ -285,3 +302,29 @@ class OrtEngine:
         except Exception as e:
             raise EngineError(f"{self.spec.path.name}: run failed ({str(e).splitlines()[0][:200]})") from None
         return dict(zip(self._output_names, values))
+
+    # ---- decode states (engines/state.py) ----
+
+    def new_state(self, layout, rows: int, capacity_hint: int = 0, bound: bool | None = None):
+        """One generation's decode state on this engine. bound None: device buffers (IOBinding, the KV written on
+        the device) on cuda / tensorrt, the host KVCache on the CPU; True on the CPU runs the device path over host
+        OrtValues (the same bindings and copies, e.g. to test or measure it). Concat bundles keep the host path."""
+        from .. import kv_cache
+
+        if bound is None:
+            bound = self.options.device != "cpu" and layout.kind == "buffer"
+        if not bound:
+            return kv_cache.KVCache(layout, rows, capacity_hint, owner=self)
+        from .device_state import DeviceState, OrtRunner
+        from .memory import CudaMemory, HostMemory
+
+        session = self.session   # first: a missing provider is the error to report
+        memory = HostMemory() if self.options.device == "cpu" else CudaMemory(self.options.device_id)
+        graphs = self._graph_ids if self.options.cuda_graph else None
+        runner = OrtRunner(import_onnxruntime(), session, memory, self.spec.path.name, graphs)
+        return DeviceState(self, runner, layout, rows, self.spec.output(layout.logits).dims[1], capacity_hint)
+
+    def close(self) -> None:
+        """Drop the session; states made by this engine are refused from now on (idempotent)."""
+        with self._lock:
+            self.closed, self._session = True, None

@@ -4,8 +4,9 @@ Plans are executables: one is loaded only from the bundle's own `trt/` directory
 records this GPU's compute capability and this TensorRT version, and only when its sha256 and the sha256 of the
 ONNX it was built from match. tensorrt and cuda-python are imported on first use (`pip install emu3-bundle[trt]`).
 
-Host numpy in, host numpy out: each run copies inputs to device buffers, executes on one stream and copies the
-outputs back. (Keeping the KV cache on the device is the next step for long images; see README.)
+`run(feeds)` (VQ graphs, samplers): host numpy in, host numpy out, copied per call. The step graph decodes through
+`new_state()`: a DeviceState whose KV buffers stay on the GPU, bound to the plan's decode profile (S = 1) or prefill
+profile by tensor address, set again only when another I/O set ran last. Not run on a GPU in this project yet.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import numpy as np
 
 from ..bundle import Bundle, GraphSpec, sha256_file
 from .base import EngineError, check_io
+from .memory import check as _check
 
-
-def _check(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise EngineError(f"CUDA error {err}")
-    return values[0] if len(values) == 1 else values
+# TensorRT DataType names -> bundle dtypes (bf16 has no numpy type; only device states hold it)
+_TRT_TYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+              "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
 def plan_for(bundle: Bundle, key: str) -> Path:
@@ -66,6 +65,8 @@ class TrtEngine:
         self.spec, self.plan, self.device_id = spec, plan, device_id
         self._lock = threading.Lock()
         self._engine = None
+        self.closed = False
+        self._bound: dict[int, object] = {}   # context index -> the I/O set whose addresses it holds
 
     def _load(self):
         import tensorrt as trt
@@ -79,8 +80,9 @@ class TrtEngine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
-        self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        io = {n: (self._dtype[n].name, len(engine.get_tensor_shape(n))) for n in names}
+        kinds = {n: _TRT_TYPES.get(engine.get_tensor_dtype(n).name, str(engine.get_tensor_dtype(n))) for n in names}
+        self._dtype = {n: np.dtype(k) for n, k in kinds.items() if k != "bfloat16"}
+        io = {n: (kinds[n], len(engine.get_tensor_shape(n))) for n in names}
         check_io(self.spec, {n: io[n] for n in self._inputs}, {n: io[n] for n in self._outputs})
         # one execution context per optimization profile (the step graph has prefill and decode profiles)
         self._contexts = []
@@ -97,13 +99,21 @@ class TrtEngine:
         decode = ids is not None and ids.shape[1] == 1 and past is not None and past.shape[2] > 0
         return 1 if decode and len(self._contexts) > 1 else 0
 
+    def _ready(self):
+        if self.closed:
+            raise EngineError(f"{self.plan.name}: the engine is closed")
+        if self._engine is None:
+            self._load()
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cuda.bindings import runtime as cudart
 
         with self._lock:
-            if self._engine is None:
-                self._load()
+            self._ready()
+            if any(n not in self._dtype for n in self._inputs + self._outputs):
+                raise EngineError(f"{self.plan.name}: bf16 tensors cannot cross as numpy; decode with new_state()")
             ctx = self._contexts[self._profile(feeds)]
+            self._bound.clear()   # the addresses set below replace any decode state's
             buffers = []
             try:
                 for name in self._inputs:
@@ -130,3 +140,65 @@ class TrtEngine:
             finally:
                 for dev in buffers:
                     cudart.cudaFreeAsync(dev, self._stream)
+
+    # ---- decode states (engines/state.py) ----
+
+    def new_state(self, layout, rows: int, capacity_hint: int = 0):
+        """One generation's decode state: KV buffers and step I/O in device memory (DeviceState)."""
+        from .. import kv_cache
+        from .device_state import DeviceState
+        from .memory import CudaMemory
+
+        if layout.kind != "buffer":   # legacy concat bundles keep the host cache
+            return kv_cache.KVCache(layout, rows, capacity_hint, owner=self)
+        with self._lock:
+            self._ready()
+        runner = _TrtRunner(self, CudaMemory(self.device_id))
+        return DeviceState(self, runner, layout, rows, self.spec.output(layout.logits).dims[1], capacity_hint)
+
+    def close(self) -> None:
+        """Drop the plan and contexts; states made by this engine are refused from now on (idempotent)."""
+        with self._lock:
+            self.closed, self._engine, self._contexts, self._bound = True, None, [], {}
+
+
+class _Buffer:
+    def __init__(self, ptr: int, keep, shape):
+        self.ptr, self._keep, self.shape = ptr, keep, tuple(shape)
+
+
+class _TrtRunner:
+    """DeviceState's bindings on a TrtEngine: one I/O set = (context index, name -> buffer)."""
+
+    def __init__(self, engine: TrtEngine, memory):
+        self.engine, self.memory = engine, memory
+
+    def alloc(self, shape, dtype: str) -> _Buffer:
+        from .device_state import ITEMSIZE
+
+        ptr, keep = self.memory.alloc(int(np.prod(shape)) * ITEMSIZE[dtype])
+        return _Buffer(ptr, keep, shape)
+
+    def bind(self, inputs: dict, outputs: dict, s: int, capacity: int):
+        # the decode profile takes S = 1 over any past the runtime makes (tests/test_kv_cache.py checks the ranges)
+        index = 1 if s == 1 and len(self.engine._contexts) > 1 else 0
+        return index, inputs, outputs
+
+    def graph_id(self) -> int:
+        return 0
+
+    def run(self, binding, graph_id: int) -> None:
+        index, inputs, outputs = binding
+        e = self.engine
+        with e._lock:
+            e._ready()
+            ctx = e._contexts[index]
+            if e._bound.get(index) is not binding:   # another I/O set (or state) ran on this context last
+                for name, buf in inputs.items():
+                    ctx.set_input_shape(name, buf.shape)
+                    ctx.set_tensor_address(name, buf.ptr)
+                for name, buf in outputs.items():
+                    ctx.set_tensor_address(name, buf.ptr)
+                e._bound[index] = binding
+            if not ctx.execute_async_v3(self.memory.stream):
+                raise EngineError(f"{e.plan.name}: TensorRT execution failed")
