@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar, notes, drawn seed or summary line (--json and PNGs still record the seed)")
     o.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    # `emu3-rt serve` (runtime/serve, the serve extra) is dispatched before parsing; listed here for --help
+    sub.add_parser("serve", add_help=False, help="HTTP service on Ray Serve (the serve extra): emu3-rt serve --help")
 
     chat = sub.add_parser("chat", parents=[common], formatter_class=_Help, help="answer a prompt about images",
                           description="Answer prompts about images. With one --prompt, every --image belongs to "
@@ -287,6 +289,16 @@ def _print_result(args, out: dict) -> None:
         _write_stdout("\n".join(out["images"]) + "\n")
 
 
+def _external_command(name: str, argv: list[str]) -> int:
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="emu3_rt.commands", name=name)
+    if not found:
+        print(f"emu3-rt: error: '{name}' is not installed: pip install -e '.[cpu,{name}]'", file=sys.stderr)
+        return 2
+    return next(iter(found)).load()(argv)
+
+
 def _note(args, text: str) -> None:
     if not args.quiet:
         print(f"emu3-rt: {text}", file=sys.stderr)
@@ -294,6 +306,8 @@ def _note(args, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:   # lives in runtime/ (emu3_rt never imports it): found through its entry point
+        return _external_command("serve", argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

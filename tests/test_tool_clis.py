@@ -19,7 +19,7 @@ import pytest
 from .conftest import REPO
 
 TOOLS = ["export", "export.tiny", "export.build_trt", "benchmarks.e2e", "benchmarks.soak", "benchmarks.train",
-         "benchmarks.variants"]
+         "benchmarks.variants", "benchmarks.serve", "benchmarks.startup", "benchmarks.gpu"]
 
 
 def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

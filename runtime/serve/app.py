@@ -1,0 +1,241 @@
+"""The Ray Serve application: one deployment (`Emu3`) that loads a bundle once per replica and serves an
+OpenAI-shaped HTTP API through FastAPI; concurrent requests are batched by @serve.batch (batcher.py).
+
+    POST /v1/images/generations   POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /v1/stats
+
+Requests flow: JSON -> protocol.Job (checked: 400 on a bad field) -> the replica's batch queue (bounded by
+max_ongoing_requests; beyond it Serve queues max_queued_requests, then answers 503 with Retry-After) -> one
+generation per compatible group -> the response, or SSE events with `stream: true`. A client that leaves marks
+its job gone; a generation whose clients have all left is cancelled.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+import emu3_rt
+from emu3_rt.argcheck import as_flag, as_int, as_real
+
+from . import protocol
+from .batcher import Stats, batch_rows, drive
+from .protocol import SSE_DONE, Job, RequestError, sse
+
+# request bodies above this are refused (413) before they are parsed; one image inside is bounded by emu3_rt
+MAX_BODY_BYTES = 64 << 20
+
+api = FastAPI(title="emu3-rt", version=emu3_rt.__version__,
+              description="Emu3 text-to-image and chat from an exported bundle, OpenAI-shaped.")
+
+
+class _TooLarge(Exception):
+    """The request body is over MAX_BODY_BYTES (413)."""
+
+
+def _error(e: BaseException) -> JSONResponse:
+    return JSONResponse(protocol.error_body(e), status_code=protocol.error_status(e))
+
+
+async def _alone(model, job: Job, stats: Stats):
+    """Without batching: the job runs as its own generation, with the same events as through @serve.batch."""
+    async with contextlib.aclosing(drive(model, [job], stats)) as rounds:
+        async for out in rounds:
+            if out[0] is StopAsyncIteration:
+                return
+            yield out[0]
+
+
+@serve.deployment(name="Emu3", max_ongoing_requests=32, max_queued_requests=64,
+                  backpressure_config={"status_code": 503, "retry_after_s": 2}, health_check_period_s=5)
+@serve.ingress(api)
+class Emu3Service:
+    """One replica: the model, its batch queues (one per task) and its counters."""
+
+    def __init__(self, bundle: str | None = None, engine: str = "ort", device: str = "cpu", threads: int = 0,
+                 verify: bool = False, max_batch_rows: int = 8, batch_wait_s: float = 0.05,
+                 max_concurrent_batches: int = 2, batching: bool = True):
+        self.model = emu3_rt.load(bundle, engine=engine, device=device, threads=threads, verify=verify)
+        self.stats = Stats()
+        # rows (images or answers) one generation may hold; a request asking for more gets 400
+        self.max_rows = as_int("max_batch_rows", max_batch_rows, 1)
+        wait, concurrent = as_real("batch_wait_s", batch_wait_s), as_int("max_concurrent_batches",
+                                                                         max_concurrent_batches, 1)
+        self.batches = {task: self._batch_queue(wait, concurrent) for task in ("image", "chat")} \
+            if as_flag("batching", batching) else None
+
+    def _batch_queue(self, wait_s: float, concurrent: int):
+        """An @serve.batch queue: requests arriving within wait_s of each other, up to max_rows rows in all, are
+        handed to drive() together; up to `concurrent` such batches run at once."""
+        async def run(jobs: list[Job]):
+            async for out in drive(self.model, jobs, self.stats):
+                yield out
+
+        return serve.batch(max_batch_size=self.max_rows, batch_wait_timeout_s=wait_s,
+                           max_concurrent_batches=concurrent, batch_size_fn=batch_rows)(run)
+
+    async def _events(self, job: Job):
+        """The job's events one at a time; the job is marked gone however the consumer stops (a client that
+        disconnects cancels the awaiting task, which lands here)."""
+        source = self.batches[job.task](job) if self.batches else _alone(self.model, job, self.stats)
+        try:
+            async for events in source:
+                if any(e["type"] in ("result", "error") for e in events):
+                    # the job's last events: read the batch's end-of-job mark before handing them out, since the
+                    # consumer stops at them (an unread mark is logged as a lost exception)
+                    async for _ in source:
+                        pass
+                for event in events:
+                    yield event
+        finally:
+            job.gone = True
+
+    async def _json(self, request: Request):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise _TooLarge()
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise _TooLarge()
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON ({e})") from None
+
+    async def _submit(self, request: Request, parse):
+        """Parse and queue a request: (job, its events) once its generation started, or an error response."""
+        try:
+            job = await asyncio.to_thread(parse, await self._json(request), self.model, self.max_rows)
+        except _TooLarge:
+            return None, JSONResponse(protocol.error_body(RequestError(
+                f"the request body is over {MAX_BODY_BYTES >> 20} MiB")), status_code=413)
+        except Exception as e:  # noqa: BLE001 - a bad request: 400 with emu3_rt's one-line message
+            return None, _error(e)
+        events = self._events(job)
+        first = await anext(events)   # "started", or the error that kept the job from starting
+        if first["type"] == "error":
+            await events.aclose()
+            return None, _error(first["error"])
+        return (job, events), None
+
+    # ---- routes ----
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "model": protocol.model_id(self.model)}
+
+    @api.get("/v1/models")
+    def models(self) -> dict:
+        bundle = self.model.bundle
+        return {"object": "list", "data": [{
+            "id": protocol.model_id(self.model), "object": "model", "owned_by": "emu3-rt",
+            "created": int(os.stat(bundle.root / "bundle.json").st_mtime), "sha256": bundle.sha256,
+            "context_length": bundle.context_length}]}
+
+    @api.get("/v1/stats")
+    def stats_route(self) -> dict:
+        return {**self.stats.snapshot(), "replica": serve.get_replica_context().replica_id.unique_id,
+                "pid": os.getpid(), "max_batch_rows": self.max_rows, "batching": self.batches is not None}
+
+    @api.post("/v1/images/generations")
+    async def images(self, request: Request):
+        started, refusal = await self._submit(request, protocol.image_job)
+        if refusal is not None:
+            return refusal
+        job, events = started
+        if job.stream:
+            return StreamingResponse(self._image_stream(job, events), media_type="text/event-stream")
+        try:
+            async for event in events:
+                if event["type"] == "error":
+                    return _error(event["error"])
+                if event["type"] == "result":
+                    items = await asyncio.to_thread(self._image_items, job, event)
+                    return protocol.image_response(job, items, self.model)
+        finally:
+            job.gone = True
+            await events.aclose()
+        raise RuntimeError("the batch ended without a result for this request")
+
+    def _image_items(self, job: Job, event: dict) -> list[dict]:
+        return [protocol.image_item(job, i, event["result"], r, self.model) for i, r in enumerate(event["rows"])]
+
+    async def _image_stream(self, job: Job, events):
+        """SSE: image_generation.rows per completed grid row (in order), image_generation.partial_image with a
+        preview every preview_every rows, then image_generation.completed per image, then [DONE]."""
+        try:
+            async for event in events:
+                if event["type"] == "rows":
+                    rows = {"image_index": event["index"], "rows_done": event["rows_done"], "rows": event["rows"]}
+                    yield sse({"type": "image_generation.rows", **rows})
+                    if "b64_json" in event:
+                        yield sse({"type": "image_generation.partial_image", **rows, "b64_json": event["b64_json"]})
+                elif event["type"] == "result":
+                    for i, item in enumerate(await asyncio.to_thread(self._image_items, job, event)):
+                        yield sse({"type": "image_generation.completed", "image_index": i, **item})
+                elif event["type"] == "error":
+                    yield sse(protocol.error_body(event["error"]))
+            yield SSE_DONE
+        finally:
+            job.gone = True
+            await events.aclose()
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        started, refusal = await self._submit(request, protocol.chat_job)
+        if refusal is not None:
+            return refusal
+        job, events = started
+        cid = protocol.chat_id()
+        if job.stream:
+            return StreamingResponse(self._chat_stream(job, cid, events), media_type="text/event-stream")
+        try:
+            async for event in events:
+                if event["type"] == "error":
+                    return _error(event["error"])
+                if event["type"] == "result":
+                    return protocol.chat_response(job, cid, event["result"], event["rows"], self.model)
+        finally:
+            job.gone = True
+            await events.aclose()
+        raise RuntimeError("the batch ended without a result for this request")
+
+    async def _chat_stream(self, job: Job, cid: str, events):
+        """SSE in OpenAI's chunk format: the role, content deltas (they add up to the full text), a last chunk per
+        choice with its finish_reason, the usage chunk if asked for, then [DONE]."""
+        chunk = lambda choices, **extra: sse(protocol.chat_chunk(job, cid, self.model, choices, **extra))  # noqa: E731
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(job.rows)])
+            async for event in events:
+                if event["type"] == "delta":
+                    yield chunk([{"index": event["index"], "delta": {"content": event["text"]},
+                                  "finish_reason": None}])
+                elif event["type"] == "result":
+                    result, rows = event["result"], event["rows"]
+                    yield chunk([{"index": i, "delta": {}, "finish_reason": protocol.finish_reason(
+                        result.tokens[r], self.model)} for i, r in enumerate(rows)])
+                    if job.include_usage:
+                        yield chunk([], usage=protocol.usage(result, rows))
+                elif event["type"] == "error":
+                    yield sse(protocol.error_body(event["error"]))
+            yield SSE_DONE
+        finally:
+            job.gone = True
+            await events.aclose()
+
+
+def build_app(args: dict | None = None):
+    """The application `serve run runtime/serve/config.yaml` builds: `args` are Emu3Service's arguments (bundle,
+    engine, device, threads, verify, max_batch_rows, batch_wait_s, max_concurrent_batches, batching); the
+    deployment's own options (replicas, actor resources, queue bounds) come from the YAML's `deployments`."""
+    args = dict(args or {})
+    known = set(inspect.signature(Emu3Service.func_or_class).parameters)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown application argument {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+    return Emu3Service.bind(**args)

@@ -1,0 +1,504 @@
+"""The Ray Serve service (runtime/serve) on the embedded tiny bundle: a local Ray (2 CPUs, no dashboard), HTTP on
+loopback only, every wait bounded. Results are compared with the direct API (emu3_rt.load()) in this process.
+
+Needs the `serve` and `serve-test` extras; skipped without them. Run: python -m pytest -m serve tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import emu3_rt
+from emu3_rt import SamplingOptions
+from runtime.serve.batcher import Stats, drive
+from runtime.serve.client import Client, ServiceError, data_uri, decode_png
+from runtime.serve.protocol import image_job
+
+pytestmark = pytest.mark.serve
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_WAIT = 0.5   # seconds: long enough that requests sent together on a busy 2-core machine share a batch
+
+
+# ---- helpers ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body, timeout: float = 60) -> tuple[int, dict, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.load(r)
+
+
+def sse_events(raw: bytes) -> list:
+    """The data of each SSE event, JSON-decoded ([DONE] kept as the string)."""
+    out = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: "):
+            out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+def together(calls: list) -> list:
+    """Run the calls at the same moment from threads; their results (or the exception raised) in order."""
+    results, start = [None] * len(calls), threading.Barrier(len(calls))
+
+    def run(i, call):
+        start.wait()
+        try:
+            results[i] = call()
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def stats(url: str) -> dict:
+    return get(f"{url}/v1/stats")
+
+
+def image_body(prompt: str, seed: int, **extra) -> dict:
+    return {"prompt": prompt, "seed": seed, **extra}
+
+
+# ---- the batcher alone (no Ray) ----
+
+def _drive(model, jobs: list, stats: Stats, leave_after: int | None = None) -> dict:
+    """Run drive() to the end like @serve.batch would: per job, its events, stopping at StopAsyncIteration.
+    leave_after: every job's client leaves after that many rounds."""
+    events: dict = {id(j): [] for j in jobs}
+
+    async def run():
+        rounds = 0
+        async for out in drive(model, jobs, stats):
+            for job, item in zip(jobs, out):
+                if item is not StopAsyncIteration:
+                    events[id(job)] += item
+            rounds += 1
+            if leave_after is not None and rounds == leave_after:
+                for job in jobs:
+                    job.gone = True
+
+    asyncio.run(run())
+    return {id(j): events[id(j)] for j in jobs}
+
+
+def test_batcher_groups_by_key_isolates_bad_requests_and_matches_the_direct_api(direct):
+    bodies = [image_body("a dog", 5), image_body("a cat", 6, cfg_scale=2.0), image_body("cat " * 2000, 7),
+              image_body("a bird", 8, n=2)]
+    jobs = [image_job(b, direct, 8) for b in bodies]
+    stats = Stats()
+    events = _drive(direct, jobs, stats)
+    # two keys (cfg 3 and cfg 2): two generations; the overlong prompt fails alone and its key-mates still batch
+    assert stats.snapshot()["generations"] == 2 and sorted(stats.snapshot()["generation_rows"]) == [1, 3]
+    bad = events[id(jobs[2])]
+    assert [e["type"] for e in bad] == ["error"] and isinstance(bad[0]["error"], emu3_rt.PromptError)
+    for job, body in zip(jobs, bodies):
+        if job is jobs[2]:
+            continue
+        (result,) = [e for e in events[id(job)] if e["type"] == "result"]
+        alone = direct.generate_image([body["prompt"]] * job.rows, seed=body["seed"],
+                                      cfg_scale=body.get("cfg_scale"))
+        for i, r in enumerate(result["rows"]):
+            assert result["result"].tokens[r] == alone.tokens[i]
+
+
+class _FailingAt:
+    """A model whose image generations with cfg_scale 2 fail at their third step, as a broken engine would."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start_image(self, *args, **kwargs):
+        gen = self.model.start_image(*args, **kwargs)
+        if kwargs["cfg_scale"] != 2.0:
+            return gen
+        step, calls = gen.step, []
+
+        def failing_step():
+            calls.append(1)
+            if len(calls) == 3:
+                raise emu3_rt.EngineError("decode step 2: decoder_step.onnx: run failed (injected)")
+            return step()
+
+        gen.step = failing_step
+        return gen
+
+
+def test_batcher_fails_only_the_generation_whose_engine_failed(direct):
+    jobs = [image_job(image_body("a dog", 5, cfg_scale=2.0), direct, 8),
+            image_job(image_body("a cat", 6, cfg_scale=2.0), direct, 8), image_job(image_body("a cow", 7), direct, 8)]
+    events = _drive(_FailingAt(direct), jobs, Stats())
+    for job in jobs[:2]:
+        assert [e["type"] for e in events[id(job)]] == ["started", "error"]
+        assert str(events[id(job)][-1]["error"]).endswith("(injected)")
+    assert [e["type"] for e in events[id(jobs[2])]] == ["started", "result"]
+
+
+def test_batcher_cancels_a_generation_whose_clients_left(direct):
+    jobs = [image_job(image_body("a dog", 5, stream=True), direct, 8),
+            image_job(image_body("a cat", 6, stream=True), direct, 8)]
+    stats = Stats()
+    # the clients leave after "started" and the first grid row (an 8x8 grid: 9 steps, the EOL included)
+    events = _drive(direct, jobs, stats, leave_after=2)
+    snap = stats.snapshot()
+    assert snap["cancelled_rows"] == 2 and snap["decode_steps"] == 9
+    assert [e["type"] for e in events[id(jobs[0])]] == ["started", "rows"]
+
+
+# ---- the service ----
+
+@pytest.fixture(scope="module")
+def direct():
+    return emu3_rt.load()
+
+
+@pytest.fixture(scope="module")
+def service():
+    """The main app at / (batching, 8 rows) and a tight one at /tight (1 request at a time, 1 queued, no
+    batching) for overload and replica failure. Shut down by the last test, or here."""
+    ray, serve = pytest.importorskip("ray"), pytest.importorskip("ray.serve")
+    from runtime.serve.app import Emu3Service
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = dict(ray_actor_options={"num_cpus": 0}, health_check_period_s=1, health_check_timeout_s=10)
+        serve.run(Emu3Service.options(**options).bind(batch_wait_s=BATCH_WAIT, max_batch_rows=8),
+                  name="emu3", route_prefix="/")
+        serve.run(Emu3Service.options(**options, max_ongoing_requests=1, max_queued_requests=1).bind(batching=False),
+                  name="tight", route_prefix="/tight")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+# ---- tests ----
+
+def test_health_and_models(service, direct):
+    assert get(f"{service}/healthz") == {"status": "ok", "model": "emu3-tiny"}
+    (model,) = get(f"{service}/v1/models")["data"]
+    assert model["id"] == "emu3-tiny" and model["sha256"] == direct.bundle.sha256
+
+
+def test_four_concurrent_images_are_one_batched_decode_and_equal_the_direct_api(service, direct):
+    # different prompts, seeds and grids (64x64 is an 8x8 grid, 128x32 a 4x16 one), the same guidance, sampling
+    # and area (4096 pixels: start_image takes one area per generation, so other areas run as another generation)
+    requests = [("a red cat", 11, "64x64"), ("a blue car", 12, "128x32"), ("a tree", 13, "64x64"),
+                ("the sea at night", 14, "128x32")]
+    before = stats(service)
+    answers = together([lambda r=r: post(f"{service}/v1/images/generations", image_body(r[0], r[1], size=r[2]))
+                        for r in requests])
+    after = stats(service)
+    assert [a[0] for a in answers] == [200] * 4, [a[2][:200] for a in answers]
+    assert after["generations"] - before["generations"] == 1 and after["generation_rows"][-1] == 4
+    grids = [(8, 8), (4, 16)]
+    # one generation steps until its longest image is done: h*(w+1)+3 tokens, one step graph run per token
+    assert after["decode_steps"] - before["decode_steps"] == max(h * (w + 1) + 3 for h, w in grids)
+    for (prompt, seed, size), (_, _, raw) in zip(requests, answers):
+        (item,) = json.loads(raw)["data"]
+        w, h = map(int, size.split("x"))
+        alone = direct.generate_image(prompt, ratio=f"{w}:{h}", image_area=w * h, seed=seed)
+        image = decode_png(item["b64_json"])
+        assert item["seed"] == seed and np.array_equal(pixels(image), pixels(alone.images[0]))
+        meta = json.loads(image.text["parameters"])
+        assert meta["seed"] == seed and meta["prompt"] == prompt and meta["bundle_sha256"] == direct.bundle.sha256
+
+
+def test_concurrent_chats_batch_and_equal_the_direct_api(service, direct):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    chats = [("Describe it.", [photo], 5, 12), ("Hello there", [], 6, 12), ("Why is the sky blue?", [], 7, 12)]
+    before = stats(service)
+    answers = together([lambda c=c: Client(service).post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": c[0]}] + [
+            {"type": "image_url", "image_url": {"url": data_uri(im)}} for im in c[1]]}],
+        "seed": c[2], "max_tokens": c[3]}) for c in chats])
+    after = stats(service)
+    assert after["generations"] - before["generations"] == 1 and after["generation_rows"][-1] == 3
+    for (text, images, seed, max_tokens), answer in zip(chats, answers):
+        alone = direct.chat(text, images=images or None, seed=seed, max_new_tokens=max_tokens)
+        assert answer["choices"][0]["message"]["content"] == alone.texts[0]
+        assert answer["usage"]["completion_tokens"] == len(alone.tokens[0]) and answer["seeds"] == [seed]
+
+
+def test_a_bad_request_fails_alone_and_the_rest_still_batch(service, direct):
+    too_long = "cat " * 2000   # over the tiny model's 1024-position context: PromptError when it starts
+    before = stats(service)
+    answers = together([lambda p=p: post(f"{service}/v1/images/generations", image_body(p, 3))
+                        for p in ("a dog", too_long, "a bird")])
+    after = stats(service)
+    with pytest.raises(emu3_rt.PromptError) as alone:
+        direct.generate_image(too_long, seed=3)
+    assert answers[1][0] == 400 and json.loads(answers[1][2])["error"]["message"] == str(alone.value)
+    assert answers[0][0] == answers[2][0] == 200
+    assert after["generations"] - before["generations"] == 1 and after["generation_rows"][-1] == 2
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/images/generations", {"prompt": " "}, 400, lambda m: str(_raises(lambda: m.generate_image(" ")))),
+    ("/v1/images/generations", {"prompt": "x", "seed": -1}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", seed=-1)))),
+    ("/v1/images/generations", {"prompt": "x", "seed": "7"}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", seed="7")))),
+    ("/v1/images/generations", {"prompt": "x", "top_k": 0}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", sampling=SamplingOptions(top_k=0))))),
+    ("/v1/images/generations", {"prompt": "x", "cfg_scale": -1}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", cfg_scale=-1)))),
+    ("/v1/images/generations", {"prompt": "x", "ratio": "wide"}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", ratio="wide")))),
+    ("/v1/images/generations", {"prompt": "x", "n": 9}, 400, "n must be in [1, 8], got 9"),
+    ("/v1/images/generations", {"prompt": "x", "seed": [1, 2]}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", seed=[1, 2])))),
+    ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size must look like WxH"),
+    ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "response_format must be"),
+    ("/v1/images/generations", {"prompt": "x", "style": "vivid"}, 400, "unsupported field 'style'"),
+    ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model 'dall-e-3' not found"),
+    ("/v1/images/generations", b"{not json", 400, "the request body is not valid JSON"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "yo"}]}, 400, "multi-turn"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "data: URI"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]}, 400,
+     lambda m: str(_raises(lambda: emu3_rt.load_image(b"not an image")))),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
+     lambda m: str(_raises(lambda: m.chat("hi", sampling=SamplingOptions(temperature=-1))))),
+])
+def test_bad_requests_get_the_runtime_message(service, direct, path, body, status, message):
+    code, _, raw = post(service + path, body)
+    got = json.loads(raw)["error"]["message"]
+    assert code == status
+    # the library's own message, word for word; the service's own checks name the field
+    assert got == message(direct) if callable(message) else message in got, got
+
+
+def _raises(call) -> BaseException:
+    with pytest.raises((ValueError, TypeError)) as e:
+        call()
+    return e.value
+
+
+def test_chat_stream_deltas_add_up_to_the_answer(service):
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell a story."}],
+            "seed": 21, "max_tokens": 40, "n": 2}
+    code, _, raw = post(f"{service}/v1/chat/completions", {**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+    whole = json.loads(post(f"{service}/v1/chat/completions", body)[2])
+    events = sse_events(raw)
+    assert code == 200 and events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    for i, choice in enumerate(whole["choices"]):
+        deltas = [ch["delta"] for c in chunks for ch in c["choices"] if ch["index"] == i]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert "".join(d.get("content", "") for d in deltas) == choice["message"]["content"]
+        ends = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["index"] == i and ch["finish_reason"]]
+        assert ends == [choice["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_image_stream_reports_rows_in_order_then_the_images(service):
+    body = image_body("a lighthouse", 31, n=2, size="90x45", preview_every=3)
+    events = list(Client(service).stream_image(**body))
+    whole = json.loads(post(f"{service}/v1/images/generations", body)[2])
+    for i in range(2):
+        rows = [e["rows_done"] for e in events if e["type"] == "image_generation.rows" and e["image_index"] == i]
+        assert rows == list(range(1, 7))   # a 6x11 grid: every row, in order
+        partial = [e for e in events if e["type"] == "image_generation.partial_image" and e["image_index"] == i]
+        assert [e["rows_done"] for e in partial] == [3, 6]
+        assert decode_png(partial[0]["b64_json"]).size == decode_png(whole["data"][i]["b64_json"]).size
+        (done,) = [e for e in events if e["type"] == "image_generation.completed" and e["image_index"] == i]
+        assert np.array_equal(pixels(decode_png(done["b64_json"])), pixels(decode_png(whole["data"][i]["b64_json"])))
+    assert events[-1]["type"] == "image_generation.completed"
+
+
+def test_the_official_openai_client_works_unchanged(service, direct):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="emu3-tiny", prompt="a red cat", response_format="b64_json",
+                                    size="64x64", n=1, extra_body={"seed": 41})
+    alone = direct.generate_image("a red cat", ratio="64:64", image_area=64 * 64, seed=41)
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert np.array_equal(pixels(image), pixels(alone.images[0]))
+
+    photo = alone.images[0]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": data_uri(photo)}}]}]
+    answer = client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=16, seed=42)
+    expected = direct.chat("What is this?", images=[photo], seed=42, max_new_tokens=16).texts[0]
+    assert answer.choices[0].message.content == expected
+    stream = client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=16, seed=42,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_a_client_that_disconnects_cancels_its_rows(service):
+    before = stats(service)
+    conn = http.client.HTTPConnection(service.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": "Go on forever."}], "seed": 1, "max_tokens": 1000,
+        "stream": True}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while b"content" not in response.readline():   # the first content delta: it is generating
+        pass
+    conn.close()
+    after = wait_until(lambda: (s := stats(service))["cancelled_rows"] > before["cancelled_rows"] and s, 20,
+                       "the generation to be cancelled")
+    time.sleep(1.0)
+    assert stats(service)["decode_steps"] == after["decode_steps"]   # nothing steps it any more
+    assert after["decode_steps"] - before["decode_steps"] < 1000
+
+
+def test_overload_gives_503_with_retry_after(service):
+    # /tight holds one request and queues one more: with two long images in (a 30x30 grid, all 933 steps), the
+    # requests that come next are refused at once, also through the client told not to retry
+    url = f"{service}/tight/v1/images/generations"
+    long = image_body("busy", 1, size="240x240")
+    at = lambda t, call: lambda: (time.sleep(t), call())[1]  # noqa: E731 - Serve's queue count races at one instant
+    answers = together([at(0, lambda: post(url, long)), at(0.3, lambda: post(url, long))]
+                       + [at(0.8, lambda: post(url, image_body("late", 2)))] * 2
+                       + [at(0.8, lambda: Client(service + "/tight", retries=0).generate_image("late"))])
+    *posts, refused = answers
+    assert [a[0] for a in posts] == [200, 200, 503, 503], answers
+    assert all(a[1].get("retry-after") == "2" for a in posts[2:])
+    assert isinstance(refused, ServiceError) and refused.status == 503 and refused.retry_after == 2, refused
+
+
+def test_a_killed_replica_is_restarted_and_a_retry_succeeds(service):
+    old = stats(f"{service}/tight")["pid"]
+    url = f"{service}/tight/v1/images/generations"
+    first = []   # four 30x30 images, 933 steps each: seconds of work, killed one second in
+    in_flight = threading.Thread(target=lambda: first.append(post(url, image_body("busy", 3, size="240x240", n=4))))
+    in_flight.start()
+    time.sleep(1.0)
+    os.kill(old, signal.SIGKILL)
+    in_flight.join(60)
+    assert first and first[0][0] >= 500, first   # the request it was serving fails
+    ok = wait_until(lambda: post(url, image_body("again", 4))[0] == 200, 90,
+                    "a retried request to succeed on a restarted replica")
+    assert ok and stats(f"{service}/tight")["pid"] != old
+
+
+def test_shutdown_leaves_no_processes(service):
+    import ray
+    from ray import serve
+
+    started = descendants(os.getpid())
+    assert started, "Ray should run its processes below this one"
+    serve.shutdown()
+    ray.shutdown()
+    wait_until(lambda: not any(alive(p) for p in started), 30, "Ray's processes to exit")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{service}/healthz", timeout=5)
+
+
+def test_serve_command_line_starts_serves_and_stops(tmp_path):
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(port), "--replica-cpus", "0"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: _healthy(port), 120, "emu3-rt serve to answer /healthz")
+        assert Client(f"http://127.0.0.1:{port}").chat("hi", max_tokens=4, temperature=0)
+        below = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        wait_until(lambda: not any(alive(p) for p in below), 30, "the service's processes to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.seek(0)
+    assert "emu3-rt serve: stopped" in log.read()
+
+
+def _healthy(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        return get(f"http://127.0.0.1:{port}/healthz")["status"] == "ok"
+    return False
+
+
+def test_serve_command_line_refuses_a_bad_bundle_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "runtime.serve", "--bundle", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("emu3-rt serve: error: ")
+    assert len(out.stderr.strip().splitlines()) == 1
