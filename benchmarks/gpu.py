@@ -5,8 +5,14 @@ same run and the memory roofline (weights + KV bytes / a measured device-to-devi
     python -m benchmarks.gpu --device cuda --json gpu.json             # the mid checkpoint (benchmarks.e2e's)
     python -m benchmarks.gpu --device cuda --slice-8b                  # + the Emu3-Gen geometry, 2 and 4 layers, fp16
 
-Steps run on the full-vocabulary step graph (the logits read back are (R, 184,622) float32). The 8B slice's
-32-layer step is extrapolated as fixed part + 32 x the per-layer slope between the 2- and 4-layer slices.
+Steps run on the full-vocabulary step graph (the logits read back are (R, 184,622) float32). When the bundle has a
+sampler graph, every step is also run with it chained (state.step_and_pick; CFG 3 over two rows, top-k 2048,
+sampled): `chained_*` figures, and the report's top-level bytes are those. What counts as traffic: a device state
+(cuda, or --bound on the CPU) counts only the step's ids / positions / mask slots and the sampler's small feeds in,
+the ids out (the logits never leave the engine); the host KVCache (the CPU default) gets its logits back as numpy
+and hands them to the sampler, so it counts them out and in (`bytes_logits_*`: the top-level figures without
+the sampler, logits read back). The 8B slice's 32-layer step is extrapolated as
+fixed part + 32 x the per-layer slope between the 2- and 4-layer slices.
 """
 
 from __future__ import annotations
@@ -59,25 +65,35 @@ def copy_bandwidth(device: str, device_id: int) -> float:
     return 2 * n / best
 
 
-def emu3_steps(engine, layout, vocab: int, rows: int, context: int, steps: int, bound) -> dict:
-    """ms per decode step and bytes per step on engine's own state, after a prefill of `context` random ids."""
+def emu3_steps(engine, layout, vocab: int, rows: int, context: int, steps: int, bound, sampler=None) -> dict:
+    """ms per decode step and bytes per step on engine's own state, after a prefill of `context` random ids: the
+    logits read back and argmax'ed on the host, or with `sampler` (the sampler graph's engine) chained onto the
+    step, the bundle's chain (CFG 3 when rows == 2) picking in the engine."""
     from emu3_rt.generate import decode_step, prefill
+    from emu3_rt.graph_sampler import GraphSampler
     from emu3_rt.prompt import make_batch
 
     ids = np.random.default_rng(1).integers(0, vocab, context).tolist()
     state = engine.new_state(layout, rows, capacity_hint=context + steps + 2, bound=bound)
-    logits = prefill(engine, state, make_batch([ids] * rows, None, 0), 512)
-    logits = decode_step(engine, state, logits.argmax(-1), 0)   # warm-up (and CUDA graph capture)
+    if sampler is None:   # (R, V) logits -> each row's argmax (R,)
+        chained, fed = (lambda step: None), (lambda logits: logits.argmax(-1))
+    else:                 # (B,) columns -> every stream of its sequence (R,)
+        graph = GraphSampler(sampler, cfg_scale=3.0 if rows == 2 else None, grid=None, temperature=1.0, top_k=2048,
+                             top_p=1.0, greedy=False, rng=np.random.default_rng(0))
+        chained, fed = (lambda step: (sampler, graph.feeds(step, rows))), (lambda ids: np.tile(ids, rows // len(ids)))
+    out = prefill(engine, state, make_batch([ids] * rows, None, 0), 512, chained(0))
+    out = decode_step(engine, state, fed(out), 0, chained(1))   # warm-up (and CUDA graph capture)
     h2d, d2h = state.traffic.h2d, state.traffic.d2h
     t = time.perf_counter()
     for step in range(steps):
-        logits = decode_step(engine, state, logits.argmax(-1), step + 1)
+        out = decode_step(engine, state, fed(out), step + 1, chained(step + 2))
     ms = 1e3 * (time.perf_counter() - t) / steps
-    out = {"rows": rows, "context": context, "state": type(state).__name__, "emu3_rt_ms": ms,
-           "bytes_h2d_per_step": (state.traffic.h2d - h2d) / steps,
-           "bytes_d2h_per_step": (state.traffic.d2h - d2h) / steps}
+    prefix = "" if sampler is None else "chained_"
+    result = {"state": type(state).__name__, f"{prefix}emu3_rt_ms": ms,
+              f"{prefix}bytes_h2d_per_step": (state.traffic.h2d - h2d) / steps,
+              f"{prefix}bytes_d2h_per_step": (state.traffic.d2h - d2h) / steps}
     state.close()
-    return out
+    return result
 
 
 def hf_steps(hf_model, device: str, vocab: int, rows: int, context: int, steps: int) -> float:
@@ -111,7 +127,7 @@ def bench(name: str, ck: Path, bundle_dir: Path, args, bandwidth: float) -> list
     from emu3_rt.engines.state import KVLayout
 
     model = emu3_rt.load(bundle_dir, device=args.device, threads=args.threads, device_id=args.device_id)
-    engine = model.engines["decoder"]
+    engine, sampler = model.engines["decoder"], model.engines.get("sampler")
     if args.cuda_graph:
         from emu3_rt.engines import OrtEngine, OrtOptions
 
@@ -129,7 +145,10 @@ def bench(name: str, ck: Path, bundle_dir: Path, args, bandwidth: float) -> list
     rows_out = []
     for rows in (1, 2):
         for context in args.contexts:
-            r = emu3_steps(engine, layout, vocab, rows, context, args.steps, True if args.bound else None)
+            where = (engine, layout, vocab, rows, context, args.steps, True if args.bound else None)
+            r = {"rows": rows, "context": context, **emu3_steps(*where)}
+            if sampler is not None:   # the same step with the sampler graph chained: chained_* figures
+                r.update(emu3_steps(*where, sampler))
             kv = rows * 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * context * dec["head_size"] * (
                 4 if layout.dtype == "float32" else 2)
             r.update(model=name, roofline_ms=1e3 * (weights + kv) / bandwidth)
@@ -168,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ck, bundle_dir = prepare("mid", "opset18")
     report["steps"] += bench("mid", ck, bundle_dir, args, bandwidth)
     at_1k = [r for r in report["steps"] if r["rows"] == 2 and r["context"] == 1024]
-    if at_1k:   # the acceptance figure: mid, CFG, context 1k
-        report["bytes_h2d_per_step"] = at_1k[0]["bytes_h2d_per_step"]
-        report["bytes_d2h_per_step"] = at_1k[0]["bytes_d2h_per_step"]
+    if at_1k:   # the acceptance figure: mid, CFG, context 1k (with the sampler chained when the bundle has one)
+        prefix = "chained_" if "chained_bytes_h2d_per_step" in at_1k[0] else ""
+        report["bytes_state"], report["bytes_sampler_chained"] = at_1k[0]["state"], bool(prefix)
+        report["bytes_h2d_per_step"] = at_1k[0][f"{prefix}bytes_h2d_per_step"]
+        report["bytes_d2h_per_step"] = at_1k[0][f"{prefix}bytes_d2h_per_step"]
+        report["bytes_logits_h2d_per_step"] = at_1k[0]["bytes_h2d_per_step"]
+        report["bytes_logits_d2h_per_step"] = at_1k[0]["bytes_d2h_per_step"]
     if args.slice_8b:
         slices = {n: bench(f"8b-slice-{n}", *slice_8b(n), args, bandwidth) for n in (2, 4)}
         report["steps"] += slices[2] + slices[4]

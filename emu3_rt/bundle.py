@@ -184,6 +184,9 @@ class Bundle:
 
 
 def _graph(manifest: dict, root: Path, key: str) -> GraphSpec:
+    # optional graphs (sampler, image_decoder, image_sampler) are not in SCHEMA: every graph block is typed here
+    for field, kind in (("", _DICT), (".filename", _STR), (".io", _DICT)):
+        _typed(manifest, f"model.{key}{field}", kind)
     block = manifest["model"][key]
     io = block["io"]
     specs = {}

@@ -4,6 +4,8 @@ Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond 
 engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
 which are appended to every stream of their sequence. The KV cache belongs to the decode state (engines/state.py:
 `engine.new_state(...)`, or kv_cache.KVCache for a run()-only engine); the loop hands it ids, mask and positions.
+With the bundle's sampler graph (graph_sampler.GraphSampler) the state runs it on the step's logits where they
+are (state.step_and_pick), so only the chosen ids come back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from .engines import Engine, EngineError
 from .engines.state import StepState
+from .graph_sampler import GraphSampler
 from .prompt import Batch
 
 # on_token(step, ids): called after every step with the (B,) ids just chosen
@@ -22,6 +25,8 @@ OnToken = Callable[[int, np.ndarray], None]
 # pick(logits (R, V), generated (B, n)) -> (B,) chosen logits columns: the whole sampling chain, run by numpy
 # (sampling.ChainPicker, the reference) or by the bundle's sampler graph (graph_sampler.GraphSampler.pick)
 Pick = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# a sampler graph chained onto the step: (its engine, its small feeds for this step) -> state.step_and_pick
+Chained = tuple[Engine, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -39,43 +44,50 @@ class LoopOptions:
     logit_ids: np.ndarray | None = None
 
 
-def _run(engine: Engine, state: StepState, ids, mask, pos, where: str) -> np.ndarray:
-    """One step-graph call on (R, S) new tokens through the state; the last position's logits (R, V). Errors name
-    `where`."""
+def _run(engine: Engine, state: StepState, ids, mask, pos, where: str, chained: Chained | None) -> np.ndarray:
+    """One step-graph call on (R, S) new tokens through the state: the last position's logits (R, V), or with a
+    chained sampler graph its (B,) chosen columns. Errors name `where`."""
     try:
-        return state.step(engine, ids, mask, pos)
+        if chained is None:
+            return state.step(engine, ids, mask, pos)
+        return state.step_and_pick(engine, ids, mask, pos, *chained)
     except EngineError as e:
         raise EngineError(f"{where}: {e}") from None
 
 
-def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int) -> np.ndarray:
-    """Run the prompt through the step graph in chunks; returns the last position's logits (R, V)."""
-    for start in range(0, batch.ids.shape[1], chunk):
+def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int, chained: Chained | None = None) -> np.ndarray:
+    """Run the prompt through the step graph in chunks; returns the last position's logits (R, V), or the chained
+    sampler's (B,) columns on them."""
+    starts = range(0, batch.ids.shape[1], chunk)
+    for start in starts:
         sl = slice(start, start + chunk)
         ids, mask, pos = batch.ids[:, sl], batch.mask[:, sl], batch.positions[:, sl]
-        logits = _run(engine, state, ids, mask, pos, f"prefill of prompt tokens {start}..{start + ids.shape[1]}")
-    return logits
+        out = _run(engine, state, ids, mask, pos, f"prefill of prompt tokens {start}..{start + ids.shape[1]}",
+                   chained if start == starts[-1] else None)
+    return out
 
 
-def decode_step(engine: Engine, state: StepState, ids: np.ndarray, step: int) -> np.ndarray:
-    """Feed one new token per row (R,) and return the next logits (R, V)."""
+def decode_step(engine: Engine, state: StepState, ids: np.ndarray, step: int,
+                chained: Chained | None = None) -> np.ndarray:
+    """Feed one new token per row (R,) and return the next logits (R, V), or the chained sampler's (B,) columns."""
     ids = ids.reshape(-1, 1).astype(np.int64)
     pos = state.next_positions.reshape(-1, 1)
-    return _run(engine, state, ids, np.ones_like(ids), pos, f"decode step {step}")
+    return _run(engine, state, ids, np.ones_like(ids), pos, f"decode step {step}", chained)
 
 
 class Decoding:
     """One generation's decode loop, driven by its caller: step() runs one step for every row (the first one
     prefills the prompt). It owns its decode state (the KV cache) and closes it when the rows finish or on close(),
-    so a server can interleave, stream and cancel generations; `generate` below is the same loop run to the end."""
+    so a server can interleave, stream and cancel generations; `generate` below is the same loop run to the end.
+    pick: a Pick on host logits, or a GraphSampler, which the decode state runs next to the step."""
 
-    def __init__(self, engine: Engine, state: StepState, batch: Batch, pick: Pick, opts: LoopOptions):
+    def __init__(self, engine: Engine, state: StepState, batch: Batch, pick: Pick | GraphSampler, opts: LoopOptions):
         # cache: the decode state (engines/state.py), None once closed
         self.engine, self.cache, self.batch, self.pick, self.opts = engine, state, batch, pick, opts
+        self.sampler = pick if isinstance(pick, GraphSampler) else None
         self.tokens = np.zeros((batch.rows // opts.streams, 0), dtype=np.int64)    # (B, n) generated so far
         self.done = np.zeros(self.tokens.shape[0], dtype=bool)                     # (B,) rows past their EOS
         self.finished = False
-        self._logits: np.ndarray | None = None     # (R, V) for the next pick
         self._fed: np.ndarray | None = None        # (B,) ids chosen last step, not yet run through the model
 
     def step(self) -> np.ndarray | None:
@@ -84,11 +96,13 @@ class Decoding:
         if self.finished:
             return None
         opts, n = self.opts, self.tokens.shape[1]
+        chained = None if self.sampler is None else (self.sampler.engine, self.sampler.feeds(n, self.batch.rows))
         if self._fed is None:
-            self._logits = prefill(self.engine, self.cache, self.batch, opts.prefill_chunk)
+            out = prefill(self.engine, self.cache, self.batch, opts.prefill_chunk, chained)
         else:   # every stream of a sequence (CFG's cond and uncond rows) gets the id
-            self._logits = decode_step(self.engine, self.cache, np.tile(self._fed, opts.streams), n - 1)
-        columns = self.pick(self._logits, self.tokens)                        # (B,) logits columns
+            out = decode_step(self.engine, self.cache, np.tile(self._fed, opts.streams), n - 1, chained)
+        # (R, V) logits through the host picker, or the chained sampler's columns: (B,) logits columns
+        columns = self.pick(out, self.tokens) if chained is None else self.sampler.checked(out)
         chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
         ids = np.where(self.done, opts.pad_id, chosen)                         # finished rows get pad
         self.tokens = np.concatenate([self.tokens, ids[:, None]], axis=1)
@@ -103,10 +117,10 @@ class Decoding:
         self.finished = True
         if self.cache is not None:
             self.cache.close()
-        self.cache = self._logits = None
+        self.cache = None
 
 
-def generate(engine: Engine, state: StepState, batch: Batch, pick: Pick, opts: LoopOptions,
+def generate(engine: Engine, state: StepState, batch: Batch, pick: Pick | GraphSampler, opts: LoopOptions,
              on_token: OnToken | None = None) -> np.ndarray:
     """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
     run = Decoding(engine, state, batch, pick, opts)

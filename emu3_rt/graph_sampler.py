@@ -3,6 +3,7 @@ apply_chain + Greedy/Sample: (R, V) logits in, (B,) chosen logits columns out (a
 
 Feeds are scalars and (B,) vectors only: the grid kind of each row (VisualGridConstraint.kinds) and one uniform
 per row per step drawn from the caller's generator(s) by sampling.Sample.uniforms, so the draws are identical.
+`feeds(step, rows)` gives them without the logits, for a decode state that runs the graph where the logits are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engines import Engine
+from .engines.state import SAMPLER_IDS, SAMPLER_LOGITS
 from .sampling import Sample, VisualGridConstraint, build_chain
 
 NO_GRID = -1  # kinds value of a row without the grid constraint
@@ -52,9 +54,10 @@ class GraphSampler:
             "greedy": np.array(greedy),
         }
 
-    def __call__(self, logits: np.ndarray, step: int) -> Chosen:
-        """logits (R, V) float32 of decode step `step` (0-based) -> the chosen columns of the B sequences."""
-        rows = logits.shape[0]
+    def feeds(self, step: int, rows: int) -> dict[str, np.ndarray]:
+        """The graph's small inputs for decode step `step` (0-based) over `rows` logits rows: the grid kinds (B,),
+        one uniform per sequence (B,) float64 (drawn here: call once per step) and the scalars. Every input but
+        the logits, so a decode state can run the graph on logits that stay in the engine (step_and_pick)."""
         if self.guided and rows % 2:
             raise ValueError(f"logits must have 2B rows under CFG (cond then uncond), got {rows}")
         b = rows // 2 if self.guided else rows
@@ -66,14 +69,23 @@ class GraphSampler:
                 raise ValueError(f"the grid has {kinds.shape[0]} rows but the logits hold {b} sequences")
         # Sample draws one uniform per row per step; greedy draws nothing
         uniforms = np.zeros(b) if self.draws is None else self.draws.uniforms(b)
-        out = self.engine.run({"logits": np.ascontiguousarray(logits, dtype=np.float32), "kinds": kinds,
-                               "uniforms": uniforms, **self._scalars})
-        ids = out["ids"]
+        return {"kinds": kinds, "uniforms": uniforms, **self._scalars}
+
+    @staticmethod
+    def checked(ids: np.ndarray) -> np.ndarray:
+        """The graph's (B,) ids output as int64 columns; a row with nothing allowed (-1) raises ValueError."""
         if (ids < 0).any():
             i = int(np.flatnonzero(ids < 0)[0])
             raise ValueError(f"no token is allowed in row {i}: every score is -inf or NaN")
-        return Chosen(ids.astype(np.int64), out["logprobs"])
+        return ids.astype(np.int64)
+
+    def __call__(self, logits: np.ndarray, step: int) -> Chosen:
+        """logits (R, V) float32 of decode step `step` (0-based) -> the chosen columns of the B sequences."""
+        feeds = self.feeds(step, logits.shape[0])
+        out = self.engine.run({SAMPLER_LOGITS: np.ascontiguousarray(logits, dtype=np.float32), **feeds})
+        return Chosen(self.checked(out[SAMPLER_IDS]), out["logprobs"])
 
     def pick(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
-        """The decode loop's picker: (R, V) logits and the (B, n) ids so far -> (B,) chosen columns."""
+        """The decode loop's picker on host logits: (R, V) logits and the (B, n) ids so far -> (B,) chosen columns.
+        generate.Decoding instead chains the graph onto the step (state.step_and_pick), with the same feeds."""
         return self(logits, generated.shape[1]).ids

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
-from .engines.state import KVLayout, Owner, Traffic
+from .engines.state import SAMPLER_IDS, SAMPLER_LOGITS, KVLayout, Owner, Traffic
 
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 
@@ -98,6 +98,23 @@ class KVCache:
         """Run `engine` on (R, S) new tokens, keep their K/V, return the last position's logits (R, V). Traffic
         counts what a device engine would have to move: the feeds the host builds (ids, positions, mask) and the
         logits it reads; the K/V stay in this cache (host memory is the engine's memory here)."""
+        logits, sent = self._run(engine, ids, mask, positions)
+        self.traffic.add(sent, logits.nbytes)
+        return logits
+
+    def step_and_pick(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, sampler,
+                      feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The step, then `sampler` on its logits: the (B,) chosen columns. The step's logits come back as host
+        numpy (onnxruntime CPU returns its outputs so), so by this class's rule they count as read (d2h) and again
+        as handed to the sampler (h2d), with the sampler's small feeds (h2d) and its ids (d2h)."""
+        logits, sent = self._run(engine, ids, mask, positions)
+        chosen = sampler.run({SAMPLER_LOGITS: logits, **feeds})[SAMPLER_IDS]
+        self.traffic.add(sent + logits.nbytes + sum(np.asarray(v).nbytes for v in feeds.values()),
+                         logits.nbytes + chosen.nbytes)
+        return chosen
+
+    def _run(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, int]:
+        """One step-graph run: (logits (R, V), bytes of the feeds the host built)."""
         if self._owner is not None:
             self._owner.check(engine, same=False)
         if self.past is None:
@@ -105,10 +122,8 @@ class KVCache:
         feeds = self.feeds(ids, mask, positions)
         outputs = engine.run(feeds)
         self.advance(outputs, mask, positions)
-        logits = outputs[self.names.logits]
         sent = sum(feeds[n].nbytes for n in (self.names.input_ids, self.names.position_ids, self.names.attention_mask))
-        self.traffic.add(sent, logits.nbytes)
-        return logits
+        return outputs[self.names.logits], sent
 
     def close(self) -> None:
         """Release the buffers (idempotent)."""

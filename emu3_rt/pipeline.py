@@ -196,15 +196,16 @@ class Emu3:
     def _picker(self, sampling: SamplingOptions, cfg_scale: float, grid: VisualGridConstraint | None,
                 seed: int | None, rows: int, route: Route | None = None):
         """The step's sampling chain (CFG -> grid -> temperature -> top-k -> top-p -> selector), with the seed used
-        and the per-row seeds: run by the route's sampler graph when it has one (only the chosen ids leave the
-        engine), else by numpy. Both give the same ids (tests/test_sampler_graph.py). Route: chat's by default."""
+        and the per-row seeds: run by the route's sampler graph when it has one (a GraphSampler, which Decoding
+        chains onto the step: only the chosen ids leave the engine), else by numpy (a ChainPicker). Both give the
+        same ids (tests/test_sampler_graph.py, tests/test_engine_state.py). Route: chat's by default."""
         route = route or self.route("chat")
         select, seed, seeds = _seeded(sampling, seed, rows)
         params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                       top_p=sampling.top_p, greedy=sampling.greedy)
         if route.sampler is not None:
             rngs = None if sampling.greedy else select.rngs
-            return GraphSampler(route.sampler, **params, rng=rngs).pick, seed, seeds
+            return GraphSampler(route.sampler, **params, rng=rngs), seed, seeds
         return ChainPicker(build_chain(**params), select), seed, seeds
 
     def _decoding(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int) -> Decoding:

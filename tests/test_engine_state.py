@@ -1,7 +1,8 @@
 """The decode state API (engines/state.py) on the embedded tiny bundle, CPU onnxruntime: the host KVCache and the
 device path (DeviceState over IOBinding, here on host OrtValues) give the same logits, grow in blocks keeping
 their rows, re-bind only after growth, count only ids / positions / mask / logits as traffic, and refuse to run
-on an engine that is not theirs or is closed."""
+on an engine that is not theirs or is closed. With the sampler graph chained onto the step (step_and_pick), both
+states choose the ids GraphSampler.pick and the numpy chain choose, and the device state sends back only ids."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from emu3_rt.engines.device_state import DeviceState  # noqa: E402
 from emu3_rt.engines.memory import HostMemory  # noqa: E402
 from emu3_rt.engines.state import KVLayout  # noqa: E402
 from emu3_rt.generate import decode_step, prefill  # noqa: E402
+from emu3_rt.pipeline import Emu3  # noqa: E402
 from emu3_rt.prompt import make_batch  # noqa: E402
 
 from .conftest import TINY_BUNDLE  # noqa: E402
@@ -170,3 +172,79 @@ def test_generation_closes_its_state(monkeypatch):
     monkeypatch.setattr(kv_cache.KVCache, "close", lambda self: (closed.append(self), real(self)))
     model.chat("hello", sampling=emu3_rt.SamplingOptions(greedy=True), max_new_tokens=3)
     assert len(closed) == 1 and closed[0].past is None and closed[0].traffic.calls >= 1
+
+
+# ---- the sampler graph chained onto the step ----
+
+def image_tokens(monkeypatch, bound: bool, picker: str, cfg_scale: float, sampling) -> tuple[np.ndarray, list]:
+    """A 3x3 image on the tiny bundle's visual route: (its (1, 15) ids, the decode states made). picker "chained":
+    the sampler graph run by the state (step_and_pick); "graph-on-logits": GraphSampler.pick on the state's
+    logits (step); "numpy": the reference ChainPicker. bound: the device state (IOBinding on host OrtValues)."""
+    states, real_state, real_picker = [], OrtEngine.new_state, Emu3._picker
+
+    def new_state(self, layout, rows, capacity_hint=0, bound_=None):
+        states.append(real_state(self, layout, rows, capacity_hint, bound=bound))
+        return states[-1]
+
+    def on_logits(self, *args, **kwargs):   # the GraphSampler's pick as a plain Pick: the loop does not chain it
+        sampler, *rest = real_picker(self, *args, **kwargs)
+        return (lambda logits, generated: sampler.pick(logits, generated)), *rest
+
+    monkeypatch.setattr(OrtEngine, "new_state", new_state)
+    if picker == "graph-on-logits":
+        monkeypatch.setattr(Emu3, "_picker", on_logits)
+    model = emu3_rt.load(TINY_BUNDLE, sampler="numpy" if picker == "numpy" else "graph")
+    gen = model.start_image("a red square", cfg_scale=cfg_scale, image_area=24 * 24, sampling=sampling, seed=7)
+    while gen.step() is not None:
+        pass
+    return gen._decoding.tokens, states
+
+
+@pytest.mark.parametrize("cfg_scale", [3.0, 1.0])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_chained_sampler_picks_what_the_host_pickers_pick(monkeypatch, cfg_scale, greedy):
+    """CFG (or none) with the visual grid, greedy or seeded top-k sampling: the ids the chained sampler graph picks on
+    either state are GraphSampler.pick's on the state's logits and the numpy chain's."""
+    sampling = emu3_rt.SamplingOptions(greedy=True) if greedy else emu3_rt.SamplingOptions(top_k=40)
+    runs = {}
+    for bound, picker in ((True, "chained"), (True, "graph-on-logits"), (False, "chained"), (False, "numpy")):
+        with monkeypatch.context() as m:
+            runs[bound, picker], _ = image_tokens(m, bound, picker, cfg_scale, sampling)
+    want = runs[False, "numpy"]
+    assert want.shape == (1, 3 * 4 + 3)
+    for key, tokens in runs.items():
+        np.testing.assert_array_equal(tokens, want, err_msg=str(key))
+
+
+def test_chained_traffic_is_ids_and_small_feeds(monkeypatch):
+    """A CFG image step, chained: the device state sends ids, positions, two mask columns (R,) int64 each and the
+    sampler's feeds (kinds and uniforms (B,) 8 bytes each, six scalars: 34 bytes), and takes back (B,) int64 ids;
+    neither the (R, V) logits nor the K/V. The host state reads its logits as numpy and hands them to the sampler,
+    so it counts them both ways (KVCache.step_and_pick)."""
+    sampling = emu3_rt.SamplingOptions(top_k=40)
+    states = {}
+    for bound in (True, False):
+        with monkeypatch.context() as m:
+            [states[bound]] = image_tokens(m, bound, "chained", 3.0, sampling)[1]
+    device, host = states[True], states[False]
+    rows, seqs = 2, 1
+    columns = load_bundle(TINY_BUNDLE).image_decoder.output("logits").dims[1]
+    layout = KVLayout.from_bundle(load_bundle(TINY_BUNDLE))
+    kv = len(layout.past_names) * rows * layout.kv_heads * device.capacity * layout.head_size * 4
+    feeds = 16 * seqs + 34
+    t = device.traffic
+    assert t.calls == 1 + (3 * 4 + 3 - 1)    # one prefill chunk, then a decode step per token after the first
+    assert (t.last_h2d, t.last_d2h) == (4 * rows * 8 + feeds, 8 * seqs)
+    assert t.last_h2d + t.last_d2h <= 64 * 1024 and t.last_d2h < rows * columns * 4 and t.last_h2d < kv
+    t = host.traffic
+    assert t.last_h2d == 2 * rows * 8 + rows * (host.capacity + 1) * 8 + rows * columns * 4 + feeds
+    assert t.last_d2h == rows * columns * 4 + 8 * seqs
+
+
+def test_device_state_refuses_a_sampler_it_cannot_bind(bundle, engine):
+    """Chaining needs an onnxruntime sampler session; anything else is refused before the step runs."""
+    state = engine.new_state(KVLayout.from_bundle(bundle), 2, bound=True)
+    prefill(engine, state, make_batch(PROMPTS, None, bundle.tokens.pad), 4)
+    with pytest.raises(EngineError, match="must be an onnxruntime engine"):
+        decode_step(engine, state, np.array([1, 2]), 0, (object(), {}))
+    assert state.length == 6

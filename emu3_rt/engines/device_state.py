@@ -4,7 +4,8 @@ Per layer, K and V buffers (R, KV, C, D) of capacity C (grown in kv_cache.KV_BLO
 memory. For each new-token count S the state keeps one bound I/O set: ids/positions (R, S), the attention mask
 (R, C + S), the presents (R, KV, S, D) and the logits (R, V), bound once (onnxruntime IOBinding or TensorRT
 tensor addresses) and re-bound only after growth. A step writes ids, positions and the mask columns that changed,
-runs the graph, copies the S present rows into the buffers at slot n on the device, and reads the logits back.
+runs the graph, copies the S present rows into the buffers at slot n on the device, and reads the logits back;
+or, chained (step_and_pick), runs the sampler graph on the logits buffer in place and reads back only the ids.
 Buffer-layout bundles only: the concat layout keeps the host KVCache.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .. import kv_cache
 from .base import EngineError
-from .state import KVLayout, Owner, Traffic
+from .state import SAMPLER_IDS, SAMPLER_LOGITS, KVLayout, Owner, Traffic
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 # onnx TensorProto element types: OrtValues are made from these, so bf16 never needs a numpy dtype
@@ -33,6 +34,8 @@ class _Io:
         self.presents = [alloc((r, lay.kv_heads, s, lay.head_size), lay.dtype) for _ in lay.present_names]
         self.logits = alloc((r, state.columns), "float32")
         self.mask_upto = 0
+        # (sampler session, its IOBinding with logits bound to self.logits): made on the first chained step
+        self.pick: tuple | None = None
         inputs = {lay.input_ids: self.ids, lay.position_ids: self.pos, lay.attention_mask: self.mask,
                   **dict(zip(lay.past_names, state.kv))}
         outputs = {lay.logits: self.logits, **dict(zip(lay.present_names, self.presents))}
@@ -90,6 +93,44 @@ class DeviceState:
         return host.nbytes
 
     def step(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        io, sent = self._run(engine, ids, mask, positions)
+        logits = np.empty((self.rows, self.columns), np.float32)
+        self.memory.copy2d(logits.ctypes.data, logits.nbytes, io.logits.ptr, logits.nbytes, logits.nbytes, 1)
+        self.memory.sync()
+        self.traffic.add(sent, logits.nbytes)
+        return logits
+
+    def step_and_pick(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, sampler,
+                      feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The step, then `sampler` (an onnxruntime engine on this state's device) with its logits input bound to
+        the step's logits buffer: the logits never leave the engine and are not counted. Only the sampler's small
+        feeds (h2d) and its (B,) ids (d2h) cross, next to the step's ids / positions / mask slots."""
+        session = getattr(sampler, "session", None)   # first: a closed sampler fails before the step runs
+        if session is None:
+            raise EngineError(f"the sampler chained to a device decode state must be an onnxruntime engine, got "
+                              f"{type(sampler).__name__}")
+        io, sent = self._run(engine, ids, mask, positions)
+        if io.pick is None or io.pick[0] is not session:   # bound once per I/O set (re-made after growth)
+            binding = session.io_binding()
+            binding.bind_input(SAMPLER_LOGITS, self.memory.device_type, self.memory.device_id, np.float32,
+                               [self.rows, self.columns], io.logits.ptr)
+            binding.bind_output(SAMPLER_IDS, "cpu")
+            io.pick = (session, binding)
+        binding = io.pick[1]
+        small = {name: np.ascontiguousarray(value) for name, value in feeds.items()}   # alive until the run ends
+        for name, value in small.items():
+            binding.bind_cpu_input(name, value)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:
+            raise EngineError(f"{sampler.spec.path.name}: run failed ({str(e).splitlines()[0][:200]})") from None
+        chosen = binding.copy_outputs_to_cpu()[0]
+        self.memory.sync()   # the K/V copies of the step
+        self.traffic.add(sent + sum(v.nbytes for v in small.values()), chosen.nbytes)
+        return chosen
+
+    def _run(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> tuple[_Io, int]:
+        """Write the step's inputs, run it and queue the K/V copies (the caller syncs): (its I/O set, bytes sent)."""
         self._owner.check(engine)
         if self._closed:
             raise ValueError("this decode state was closed")
@@ -107,21 +148,17 @@ class DeviceState:
         sent += self._write(io.mask, c, c + s, mask)
         io.mask_upto = n
         self.memory.sync()
+        self._keep = []
         self.runner.run(io.binding, io.graph_id)
         # presents (R, KV, S, D) -> buffers at slot n, on the device: (R * KV) rows of S positions
         row = self.layout.head_size * ITEMSIZE[self.layout.dtype]
         for buf, present in zip(self.kv, io.presents):
             self.memory.copy2d(buf.ptr + n * row, c * row, present.ptr, s * row, s * row,
                                self.rows * self.layout.kv_heads)
-        logits = np.empty((self.rows, self.columns), np.float32)
-        self.memory.copy2d(logits.ctypes.data, logits.nbytes, io.logits.ptr, logits.nbytes, logits.nbytes, 1)
-        self.memory.sync()
-        self._keep = []
         self.slot_mask[:, n: n + s] = mask
         self.length = n + s
         self.next_positions = positions[:, -1] + 1
-        self.traffic.add(sent, logits.nbytes)
-        return logits
+        return io, sent
 
     def close(self) -> None:
         """Release the buffers and bindings (idempotent)."""

@@ -3,6 +3,8 @@
 `engine.new_state(layout, rows)` makes one; `state.step(engine, ids, mask, positions)` runs the step graph on
 (R, S) new tokens, writes their K/V rows into the state's buffers in place and returns the last position's
 logits (R, V) on the host. The host hands over only ids, positions and mask slots; the KV never crosses.
+`state.step_and_pick(engine, ids, mask, positions, sampler, feeds)` chains the sampler graph (export/sampler_graph.py)
+onto the step: it reads the step's logits where the step wrote them, and only its (B,) chosen ids come back.
 Implementations: kv_cache.KVCache (host numpy: onnxruntime CPU, any `run()` engine), device_state.DeviceState
 (onnxruntime IOBinding on CUDA or CPU memory, TensorRT bindings).
 """
@@ -17,6 +19,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from .base import EngineError
+
+# the sampler graph's logits input (R, V) float32 and chosen-columns output (B,) int64 (export/sampler_graph.py)
+SAMPLER_LOGITS, SAMPLER_IDS = "logits", "ids"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,9 @@ class KVLayout:
 @dataclass
 class Traffic:
     """Bytes the host handed to the engine (h2d) and took back (d2h): totals over `calls` step calls, and the
-    last call's. The KV cache is never counted: it stays in the state's buffers."""
+    last call's. The KV cache is never counted: it stays in the state's buffers. A chained step (step_and_pick)
+    also counts the sampler's small feeds (h2d) and its ids (d2h); whether the logits count depends on the state:
+    see KVCache.step_and_pick (host) and DeviceState.step_and_pick (they never leave the engine)."""
     h2d: int = 0
     d2h: int = 0
     calls: int = 0
@@ -72,6 +79,11 @@ class StepState(Protocol):
     def capacity(self) -> int: ...
 
     def step(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
+
+    # the step, then `sampler` (an onnxruntime engine of the sampler graph) on its logits plus `feeds` (the small
+    # per-step inputs, graph_sampler.GraphSampler.feeds): the (B,) chosen columns, unchecked
+    def step_and_pick(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, sampler,
+                      feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
