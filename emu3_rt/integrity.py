@@ -109,7 +109,8 @@ def listed_files(manifest: dict, root: Path) -> dict[str, dict]:
         inside(root, name, "files key")
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and _SHA256.fullmatch(entry["sha256"]) and type(entry.get("size")) is int and entry["size"] >= 0):
-            raise BundleError(f"bundle.json: field 'files' entry {name!r:.80} needs a sha256 (64 hex digits) and a size")
+            raise BundleError(f"bundle.json: field 'files' entry {name!r:.80} needs a sha256 (64 hex digits) "
+                              "and a size")
     return files
 
 

@@ -7,6 +7,7 @@ generate_image:  prompt ids (+ negative prompt ids under CFG) -> generate with t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -399,7 +400,9 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
         keys += ("image_decoder",) + (("image_sampler",) if use_graph else ())
     if engine == "ort":
         opts = OrtOptions(device=device, threads=threads, device_id=device_id)
-        engines = {key: OrtEngine(getattr(bundle, key), opts) for key in keys}
+        # the small sampler graphs: one thread, no spinning (see OrtOptions.spinning)
+        light = dataclasses.replace(opts, threads=1, spinning=False) if device == "cpu" else opts
+        engines = {key: OrtEngine(getattr(bundle, key), light if key.endswith("sampler") else opts) for key in keys}
     else:
         from .engines.trt import TrtEngine, plan_for
 
