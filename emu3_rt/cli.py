@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
-                     device_id=args.device_id, sampler=args.sampler)
+                     device_id=args.device_id, sampler=args.sampler,
+                     warm=["chat" if args.command == "chat" else "image"])
         if args.bundle is None:
             _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
                         "(pass --bundle DIR for a real model)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -365,7 +366,7 @@ class Emu3:
 
 def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
          verify: bool = False, device_id: int = 0, prefill_chunk: int | None = None,
-         sampler: str | None = None) -> Emu3:
+         sampler: str | None = None, warm: Sequence[str] = ()) -> Emu3:
     """Load a bundle (default: the embedded tiny one).
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
@@ -376,6 +377,8 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     everything (about 1 s per GB).
     sampler "graph": the bundle's sampler graph runs the sampling chain next to the step (only ids leave it);
     "numpy": the reference chain on the host; None: the graph when the bundle has one and the engine is "ort".
+    warm: tasks ("chat", "image") whose graph sessions open in a background thread while the tokenizer is parsed
+    (the CLI passes the command's task: a start-up cost paid in parallel instead of at the first step).
     """
     # every argument is checked before the bundle is read
     if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):
@@ -385,6 +388,8 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
             raise TypeError(f"{name} must be str, got {kind(value)}")
     if engine not in ("ort", "trt"):
         raise ValueError(f"engine must be 'ort' or 'trt', got {engine!r}")
+    if isinstance(warm, str) or not all(task in TASK_GRAPHS for task in warm):
+        raise ValueError(f"warm must be a sequence of tasks from {sorted(TASK_GRAPHS)}, got {warm!r:.60}")
     if sampler not in (None, "graph", "numpy"):
         raise ValueError(f"sampler must be 'graph', 'numpy' or None, got {sampler!r:.40}")
     threads, verify = check_threads(threads), as_flag("verify", verify)
@@ -407,4 +412,28 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
         from .engines.trt import TrtEngine, plan_for
 
         engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
+    _open_in_background(engines, warm)
     return Emu3(bundle, engines, prefill_chunk)
+
+
+# graphs each task opens (an image falls back to the decoder and its sampler without an image head: Emu3.route)
+TASK_GRAPHS = {"chat": ("decoder", "sampler"), "image": ("image_decoder", "image_sampler", "vq_decoder")}
+
+
+def _open_in_background(engines: dict[str, Engine], tasks: Sequence[str]) -> None:
+    """Open the sessions the tasks will run, in a daemon thread: onnxruntime builds them without the GIL, so this
+    overlaps the tokenizer's parse. A failure is left for the first run, which opens the session again and
+    raises as usual."""
+    keys = [k for task in tasks for k in TASK_GRAPHS[task] if k in engines]
+    if "image" in tasks and "image_decoder" not in engines:
+        keys += [k for k in TASK_GRAPHS["chat"] if k in engines]
+
+    def open_all():
+        for key in dict.fromkeys(keys):
+            try:
+                getattr(engines[key], "session", None)
+            except Exception:  # noqa: BLE001 - reported by the first run instead (see above)
+                pass
+
+    if keys:
+        threading.Thread(target=open_all, name="emu3-rt-warm", daemon=True).start()
