@@ -421,7 +421,7 @@ TASK_GRAPHS = {"chat": ("decoder", "sampler"), "image": ("image_decoder", "image
 
 
 def _open_in_background(engines: dict[str, Engine], tasks: Sequence[str]) -> None:
-    """Open the sessions the tasks will run, in a daemon thread: onnxruntime builds them without the GIL, so this
+    """Open the sessions the tasks will run, in a thread: onnxruntime builds them without the GIL, so this
     overlaps the tokenizer's parse. A failure is left for the first run, which opens the session again and
     raises as usual."""
     keys = [k for task in tasks for k in TASK_GRAPHS[task] if k in engines]
@@ -436,4 +436,6 @@ def _open_in_background(engines: dict[str, Engine], tasks: Sequence[str]) -> Non
                 pass
 
     if keys:
-        threading.Thread(target=open_all, name="emu3-rt-warm", daemon=True).start()
+        # not a daemon: the interpreter waits for it at exit, as a process leaving while onnxruntime builds a
+        # session in another thread aborts ("terminate called without an active exception", exit -6)
+        threading.Thread(target=open_all, name="emu3-rt-warm").start()

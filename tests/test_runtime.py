@@ -207,3 +207,11 @@ def test_chunked_prefill_gives_the_same_tokens():
     assert a.tokens == b.tokens
     assert (one.generate_image(["a", "bb"], cfg_scale=3.0, sampling=GREEDY).tokens
             == small.generate_image(["a", "bb"], cfg_scale=3.0, sampling=GREEDY).tokens)
+
+
+def test_cli_error_while_sessions_open_in_background_exits_cleanly(tmp_path):
+    """The CLI opens its sessions in a background thread; an error at once must still exit 2, never abort."""
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-m", "emu3_rt", "generate-image", "--prompt", "x", "--top-p", "2",
+                            "-o", str(tmp_path / "x.png")], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and "terminate called" not in r.stderr, r.stderr
