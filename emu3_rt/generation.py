@@ -2,7 +2,7 @@
 
     gen = model.start_image(["a red cat", "a blue car"], seed=[7, 9])
     while (ids := gen.step()) is not None:     # (B,) ids per step; stream, preview or gen.cancel() in between
-        print(gen.rows_done())
+        progress.append(gen.rows_done())
     result = gen.result()                      # ImageResult (VQ-decoded images)
 
 Each generation owns its KV cache (released when it finishes, is cancelled or fails), so several can run on one
