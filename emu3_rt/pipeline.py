@@ -114,6 +114,17 @@ def _seeded(options: SamplingOptions, seed: int | list[int] | None, rows: int):
     return Sample([np.random.default_rng(s) for s in seeds]), seed, seeds
 
 
+def _per_prompt(name: str, value, n: int) -> list[int] | None:
+    """None, one whole number >= 1 for every prompt, or one per prompt -> a list of n (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        if len(value) != n:
+            raise ValueError(f"{name} holds {len(value)} values for {n} prompts")
+        return [as_int(name, v, 1) for v in value]
+    return [as_int(name, value, 1)] * n
+
+
 def _as_list(x) -> list:
     return [x] if isinstance(x, str) else list(x)
 
@@ -279,7 +290,7 @@ class Emu3:
 
     def start_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
                     cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
-                    image_area: int | None = None, sampling: SamplingOptions | None = None,
+                    image_area: int | Sequence[int] | None = None, sampling: SamplingOptions | None = None,
                     seed: int | Sequence[int] | None = None, allow_special_tokens: bool = False) -> ImageGeneration:
         """Check the arguments, encode the prompts, and return the generation ready to step (see generation.py);
         `generate_image` runs it to the end. Arguments as `generate_image`."""
@@ -288,7 +299,7 @@ class Emu3:
         cfg_scale = None if cfg_scale is None else as_real("cfg_scale", cfg_scale)
         if ratio is not None and not as_texts("ratio", ratio):
             raise ValueError("ratio must be a \"W:H\" string or a non-empty sequence of them, got an empty one")
-        image_area = None if image_area is None else as_int("image_area", image_area, 1)
+        areas = _per_prompt("image_area", image_area, len(prompts))
         sampling, seed = _sampling(sampling, self.bundle), as_seed(seed, len(prompts))
         allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
         s = self.bundle.search
@@ -300,10 +311,8 @@ class Emu3:
             ratios *= len(prompts)
         if len(ratios) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(ratios)} ratios")
-        area = s["image_area"] if image_area is None else image_area
-        if area < 1:
-            raise ValueError(f"image_area must be >= 1 pixel, got {area}")
-        grids = [calculate_generate_size(r, area, self.bundle.spatial_factor) for r in ratios]
+        areas = areas or [s["image_area"]] * len(prompts)
+        grids = [calculate_generate_size(r, a, self.bundle.spatial_factor) for r, a in zip(ratios, areas)]
         if min(w for _, w in grids) < 3:
             # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
             raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
@@ -335,14 +344,15 @@ class Emu3:
 
     def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
                        cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,
-                       image_area: int | None = None, sampling: SamplingOptions | None = None,
+                       image_area: int | Sequence[int] | None = None, sampling: SamplingOptions | None = None,
                        seed: int | Sequence[int] | None = None,
                        on_token: Callable[[int, np.ndarray], None] | None = None,
                        on_preview: Callable[[int, int, Image.Image], None] | None = None,
                        preview_every: int = 0, allow_special_tokens: bool = False) -> ImageResult:
         """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
 
-        ratio is "W:H" (one for all prompts, or one per prompt); image_area is in pixels. on_preview(row,
+        ratio is "W:H" and image_area in pixels, each one for all prompts or one per prompt (a batch may mix
+        sizes: every row keeps its own grid). on_preview(row,
         rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
         Special-token strings in the prompts stay literal text unless allow_special_tokens=True (Transformers' way).
         seed: one int (image i draws from seed + i) or one per prompt.

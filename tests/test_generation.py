@@ -115,3 +115,15 @@ def test_a_failing_step_releases_the_state(model, monkeypatch):
     with pytest.raises(emu3_rt.EngineError, match="boom"):
         gen.step()
     assert gen.done and gen._decoding.cache is None
+
+
+def test_one_batch_mixes_image_sizes(model):
+    """Per-prompt ratio and area: each row keeps its own grid and equals its prompt alone."""
+    prompts, ratios, areas = ["a cat", "a car", "a tree"], ["1:1", "2:1", "1:3"], [64 * 64, 96 * 48, 48 * 144]
+    batch = model.generate_image(prompts, ratio=ratios, image_area=areas, seed=[1, 2, 3], cfg_scale=3.0)
+    assert len(set(batch.grids)) == 3
+    for i in range(3):
+        alone = model.generate_image(prompts[i], ratio=ratios[i], image_area=areas[i], seed=i + 1, cfg_scale=3.0)
+        assert alone.tokens[0] == batch.tokens[i] and alone.grids[0] == batch.grids[i]
+    with pytest.raises(ValueError, match="image_area holds 2 values for 3 prompts"):
+        model.start_image(prompts, image_area=[4096, 4096])

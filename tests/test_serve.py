@@ -260,9 +260,9 @@ def test_health_and_models(service, direct):
 
 
 def test_four_concurrent_images_are_one_batched_decode_and_equal_the_direct_api(service, direct):
-    # different prompts, seeds and grids (64x64 is an 8x8 grid, 128x32 a 4x16 one), the same guidance, sampling
-    # and area (4096 pixels: start_image takes one area per generation, so other areas run as another generation)
-    requests = [("a red cat", 11, "64x64"), ("a blue car", 12, "128x32"), ("a tree", 13, "64x64"),
+    # different prompts, seeds, sizes and areas (64x64 is an 8x8 grid, 128x32 a 4x16 one, 96x48 a 6x12 one), the
+    # same guidance and sampling: every row keeps its own grid inside the one generation
+    requests = [("a red cat", 11, "64x64"), ("a blue car", 12, "128x32"), ("a tree", 13, "96x48"),
                 ("the sea at night", 14, "128x32")]
     before = stats(service)
     answers = together([lambda r=r: post(f"{service}/v1/images/generations", image_body(r[0], r[1], size=r[2]))
@@ -270,7 +270,7 @@ def test_four_concurrent_images_are_one_batched_decode_and_equal_the_direct_api(
     after = stats(service)
     assert [a[0] for a in answers] == [200] * 4, [a[2][:200] for a in answers]
     assert after["generations"] - before["generations"] == 1 and after["generation_rows"][-1] == 4
-    grids = [(8, 8), (4, 16)]
+    grids = [(8, 8), (4, 16), (6, 12)]
     # one generation steps until its longest image is done: h*(w+1)+3 tokens, one step graph run per token
     assert after["decode_steps"] - before["decode_steps"] == max(h * (w + 1) + 3 for h, w in grids)
     for (prompt, seed, size), (_, _, raw) in zip(requests, answers):

@@ -57,7 +57,8 @@ def _start(model, jobs: list[Job]):
     seeds = None if jobs[0].seeds is None else [s for job in jobs for s in job.seeds]
     per_row = {k: [x for job in jobs for x in job.per_row[k]] for k in jobs[0].per_row}
     if jobs[0].task == "image":
-        return model.start_image(prompts, ratio=per_row["ratio"], seed=seeds, **jobs[0].options)
+        return model.start_image(prompts, ratio=per_row["ratio"], image_area=per_row["image_area"], seed=seeds,
+                                 **jobs[0].options)
     images = per_row["images"]
     # start_chat takes one prompt's images flat, a batch's as one list per prompt
     images = images[0] if len(prompts) == 1 else (images if any(images) else None)

@@ -47,7 +47,7 @@ class Job:
     task: str                       # "image" or "chat"
     prompts: list[str]              # one per row
     seeds: list[int] | None         # one per row; None for greedy decoding
-    per_row: dict[str, list]        # start_* arguments with one entry per row: "ratio" (image), "images" (chat)
+    per_row: dict[str, list]        # start_* arguments with one entry per row: "ratio", "image_area"; "images"
     options: dict                   # start_* keyword arguments shared by every row of a generation (hashable)
     stream: bool = False
     preview_every: int = 0          # image streams: a partial PNG every this many grid rows (0: none)
@@ -128,9 +128,11 @@ def image_job(body, model, max_rows: int) -> Job:
     cfg = b.get("cfg_scale")
     options = dict(negative_prompt=as_text("negative_prompt", b.get("negative_prompt")),
                    cfg_scale=as_real("cfg_scale", s["cfg_scale"] if cfg is None else cfg),
-                   image_area=as_int("image_area", s["image_area"] if area is None else area, 1),
                    sampling=sampling)
-    return Job("image", [prompt] * n, _seeds(b, n, sampling.greedy), {"ratio": [ratio or s["ratio"]] * n}, options,
+    # ratio and area go per row: requests of different sizes share one generation (each row keeps its grid)
+    area = as_int("image_area", s["image_area"] if area is None else area, 1)
+    per_row = {"ratio": [ratio or s["ratio"]] * n, "image_area": [area] * n}
+    return Job("image", [prompt] * n, _seeds(b, n, sampling.greedy), per_row, options,
                stream=as_flag("stream", b.get("stream", False)),
                preview_every=as_int("preview_every", b.get("preview_every", 0), 0))
 
