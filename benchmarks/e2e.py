@@ -192,8 +192,8 @@ def bench_steps(hf_model, model, context, rows=1, hf_steps=16, greedy=False):
     from transformers import DynamicCache
 
     from emu3_rt import SamplingOptions
-    from emu3_rt.generate import decode_step, prefill
-    from emu3_rt.kv_cache import KV_BLOCK, KVCache
+    from emu3_rt.generate import Decoding, LoopOptions
+    from emu3_rt.kv_cache import KV_BLOCK, new_state
     from emu3_rt.prompt import make_batch
     from emu3_rt.sampling import VisualGridConstraint
 
@@ -215,19 +215,18 @@ def bench_steps(hf_model, model, context, rows=1, hf_steps=16, greedy=False):
                                     eof=col(t.eof), eoi=col(t.eoi), eos=col(t.eos), pad=col(t.pad),
                                     vocab_size=route.columns)
     pick, _, _ = model._picker(sampling, 3.0 if rows == 2 else 1.0, grid, 0, 1 if rows == 2 else rows, route)
-    pick = getattr(pick, "pick", pick)   # a GraphSampler picks on the host logits here (its time is split out)
-    cache = KVCache(model.bundle, rows)
-    logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
+    # the decode loop users run (Decoding: the sampler graph chained by the decode state), EOS never ends it
+    opts = LoopOptions(max_new_tokens=steps + 1, eos_id=-1, pad_id=model.bundle.tokens.pad, prefill_chunk=512,
+                       streams=2 if rows == 2 else 1, logit_ids=route.logit_ids)
+    batch = make_batch([ids] * rows, None, model.bundle.tokens.pad)
+    run = Decoding(engine, new_state(engine, model.bundle, rows), batch, pick, opts)
+    run.step()   # the prefill and the first pick
     engine.seconds = 0.0
     if sampler is not None:
         sampler.seconds = 0.0
-    tokens = np.zeros((rows // 2 if rows == 2 else rows, 0), dtype=np.int64)
     t0 = time.perf_counter()
-    for step in range(steps):
-        cols = pick(logits, tokens)
-        nxt = cols if route.logit_ids is None else route.logit_ids[cols]
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-        logits = decode_step(engine, cache, np.tile(nxt, rows // len(nxt)), step)
+    for _ in range(steps):
+        run.step()
     total = (time.perf_counter() - t0) / steps
     eng = engine.seconds / steps
     smp = (sampler.seconds / steps) if sampler is not None else 0.0
