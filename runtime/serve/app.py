@@ -38,6 +38,19 @@ class _TooLarge(Exception):
     """The request body is over MAX_BODY_BYTES (413)."""
 
 
+
+async def _final_event(job: Job, events) -> dict:
+    """A non-streamed response's one event: this request's result or its error (the rows are done either way)."""
+    try:
+        async for event in events:
+            if event["type"] in ("error", "result"):
+                return event
+    finally:
+        job.gone = True
+        await events.aclose()
+    raise RuntimeError("the batch ended without a result for this request")
+
+
 def _error(e: BaseException) -> JSONResponse:
     return JSONResponse(protocol.error_body(e), status_code=protocol.error_status(e))
 
@@ -149,17 +162,11 @@ class Emu3Service:
         job, events = started
         if job.stream:
             return StreamingResponse(self._image_stream(job, events), media_type="text/event-stream")
-        try:
-            async for event in events:
-                if event["type"] == "error":
-                    return _error(event["error"])
-                if event["type"] == "result":
-                    items = await asyncio.to_thread(self._image_items, job, event)
-                    return protocol.image_response(job, items, self.model)
-        finally:
-            job.gone = True
-            await events.aclose()
-        raise RuntimeError("the batch ended without a result for this request")
+        event = await _final_event(job, events)
+        if event["type"] == "error":
+            return _error(event["error"])
+        items = await asyncio.to_thread(self._image_items, job, event)
+        return protocol.image_response(job, items, self.model)
 
     def _image_items(self, job: Job, event: dict) -> list[dict]:
         return [protocol.image_item(job, i, event["result"], r, self.model) for i, r in enumerate(event["rows"])]
@@ -193,16 +200,10 @@ class Emu3Service:
         cid = protocol.chat_id()
         if job.stream:
             return StreamingResponse(self._chat_stream(job, cid, events), media_type="text/event-stream")
-        try:
-            async for event in events:
-                if event["type"] == "error":
-                    return _error(event["error"])
-                if event["type"] == "result":
-                    return protocol.chat_response(job, cid, event["result"], event["rows"], self.model)
-        finally:
-            job.gone = True
-            await events.aclose()
-        raise RuntimeError("the batch ended without a result for this request")
+        event = await _final_event(job, events)
+        if event["type"] == "error":
+            return _error(event["error"])
+        return protocol.chat_response(job, cid, event["result"], event["rows"], self.model)
 
     async def _chat_stream(self, job: Job, cid: str, events):
         """SSE in OpenAI's chunk format: the role, content deltas (they add up to the full text), a last chunk per
