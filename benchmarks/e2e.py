@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+SECTIONS = ("image", "chat", "prefill", "steps")
 CONFIGS = ["tiny", "mid", "mid-trained"]  # mid-trained: mid fitted to local text (benchmarks.train)
 NEGATIVE = "lowres, bad anatomy, bad hands, text, error, blurry."
 
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="context lengths at which to time one decode step (default: 64 1024 4096 8192)")
     ap.add_argument("--repeats", type=int_in(1), default=2, help="runs per measurement; the best one counts")
     ap.add_argument("--visual-head", action="store_true", help="also time images on a --head visual bundle")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="PART",
+                    help=f"time only these parts ({', '.join(SECTIONS)}; default: all)")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     ap.add_argument("--plot", default=None, metavar="OUT.png",
                     help="PNG of ms/step vs context (needs matplotlib: the bench extra)")
@@ -342,30 +345,52 @@ def main(argv: list[str] | None = None) -> int:
         from .variants import export_variant
 
         visual = emu3_rt.load(export_variant(args.config, "visual"), threads=args.threads)
-    report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats, visual)
-    report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
-    report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
-    report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
-    report["greedy_steps"] = [bench_steps(hf_model, model, c, rows, hf_steps=4, greedy=True)
-                              for rows in (1, 2) for c in args.contexts]
-    for s in report["steps"]:  # the capacity the runtime's buffer has at this context: the next KV_BLOCK multiple
-        s["attention_ms"] = attention_only_ms(model.bundle, _capacity(s["context"]), s["rows"], args.threads)
+    if "image" in args.only:
+        report["image"] = bench_image(hf_model, processor, model, tuple(args.grid), args.repeats, visual)
+    if "chat" in args.only:
+        report["chat"] = bench_chat(model, args.chat_tokens, args.repeats)
+    if "prefill" in args.only:
+        report["prefill"] = [bench_prefill(hf_model, model, n, 1) for n in (1024, 4096)]
+    if "steps" in args.only:
+        report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
+        report["greedy_steps"] = [bench_steps(hf_model, model, c, rows, hf_steps=4, greedy=True)
+                                  for rows in (1, 2) for c in args.contexts]
+        for s in report["steps"]:  # the capacity the runtime's buffer has at this context: the next KV_BLOCK multiple
+            s["attention_ms"] = attention_only_ms(model.bundle, _capacity(s["context"]), s["rows"], args.threads)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot and "steps" in report:
+        plot(report["steps"], args.plot, args.config)
+    return 0
 
-    im, ch = report["image"], report["chat"]
-    print(f"\n{args.config} bundle ({args.variant}), {args.threads} threads; tokens equal to Transformers in every row")
-    print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3, greedy): HF {im['hf_s']:.2f} s, "
-          f"emu3_rt {im['emu3_rt_s']:.2f} s  -> {im['speedup']:.2f}x")
-    print(f"same image, the bundle's default chain (top-k 2048, sampled; {im['sampler']} sampler): "
-          f"{im['default_chain_s']:.2f} s ({im['default_vs_greedy']:.2f}x the greedy time) -> "
-          f"{im['default_speedup']:.2f}x HF")
-    print(f"CLI generate-image, default chain, process start + load + PNG: {im['cli_s']:.2f} s -> "
-          f"{im['cli_speedup']:.2f}x HF generate")
-    if "visual_head_s" in im:
-        print(f"image on the --head visual bundle: {im['visual_head_s']:.2f} s -> {im['visual_head_speedup']:.2f}x")
-    print(f"chat ({ch['new_tokens']} tokens): HF {ch['hf_tok_s']:.1f} tok/s, emu3_rt {ch['emu3_rt_tok_s']:.1f} tok/s"
-          f"  -> {ch['speedup']:.2f}x")
-    for p in report["prefill"]:
+
+def print_report(report: dict) -> None:
+    print(f"\n{report['config']} bundle ({report['variant']}), {report['threads']} threads; tokens equal to "
+          f"Transformers in every row")
+    if "image" in report:
+        im = report["image"]
+        print(f"image {im['grid'][0]}x{im['grid'][1]} ({im['tokens']} tokens, CFG 3, greedy): HF {im['hf_s']:.2f} s, "
+              f"emu3_rt {im['emu3_rt_s']:.2f} s  -> {im['speedup']:.2f}x")
+        print(f"same image, the bundle's default chain (top-k 2048, sampled; {im['sampler']} sampler): "
+              f"{im['default_chain_s']:.2f} s ({im['default_vs_greedy']:.2f}x the greedy time) -> "
+              f"{im['default_speedup']:.2f}x HF")
+        print(f"CLI generate-image, default chain, process start + load + PNG: {im['cli_s']:.2f} s -> "
+              f"{im['cli_speedup']:.2f}x HF generate")
+        if "visual_head_s" in im:
+            print(f"image on the --head visual bundle: {im['visual_head_s']:.2f} s -> "
+                  f"{im['visual_head_speedup']:.2f}x")
+    if "chat" in report:
+        ch = report["chat"]
+        print(f"chat ({ch['new_tokens']} tokens): HF {ch['hf_tok_s']:.1f} tok/s, emu3_rt {ch['emu3_rt_tok_s']:.1f} "
+              f"tok/s  -> {ch['speedup']:.2f}x")
+    for p in report.get("prefill", []):
         print(f"prefill {p['prompt']}: HF {p['hf_ms']:.0f} ms, emu3_rt {p['emu3_rt_ms']:.0f} ms -> {p['speedup']:.2f}x")
+    if "steps" in report:
+        print_steps(report)
+
+
+def print_steps(report: dict) -> None:
     print("per decode step; attention: the attention ops alone at that context (the part that must grow);")
     print("growth: (step - step at the first context) / (attention - attention at the first context)")
     print("sampling: the bundle's default chain (plain: top-k 2048 + sample; CFG: CFG 3 -> grid -> top-k 2048 ->"
@@ -385,11 +410,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'CFG' if s['rows'] == 2 else 'plain':>5} {s['context']:8d} {s['hf_ms']:11.2f} {s['emu3_rt_ms']:8.2f} "
               f"{s['speedup']:5.2f} {s['engine_ms']:7.2f} {s['sampler_ms']:7.2f} {s['host_ms']:6.2f} "
               f"{100 * s['host_share']:6.1f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot(report["steps"], args.plot, args.config)
-    return 0
 
 
 def _capacity(context: int) -> int:

@@ -1,5 +1,10 @@
 """The decode loop: prefill -> [step -> pick (filter chain + selector) -> append] until EOS or the token budget.
 
+A step whose token the image grid forces in every row (EOL, EOF, EOI, EOS) runs no model: the chain would keep
+that one id whatever the logits, so the token is appended at once and rides into the model with the next step's
+(an S = 2 step), and the last row's EOL, EOF, EOI and EOS never run at all (a 16x16 image: 256 model runs for
+275 tokens). Same tokens, same K/V; the selector still draws its uniforms at such a step, so seeds are unchanged.
+
 Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond rows) that go through the step
 engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
 which are appended to every stream of their sequence. The KV cache belongs to the decode state (engines/state.py:
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -19,12 +25,21 @@ from .engines import Engine, EngineError
 from .engines.state import StepState
 from .graph_sampler import GraphSampler
 from .prompt import Batch
+from .sampling import VisualGridConstraint
 
 # on_token(step, ids): called after every step with the (B,) ids just chosen
 OnToken = Callable[[int, np.ndarray], None]
-# pick(logits (R, V), generated (B, n)) -> (B,) chosen logits columns: the whole sampling chain, run by numpy
-# (sampling.ChainPicker, the reference) or by the bundle's sampler graph (graph_sampler.GraphSampler.pick)
-Pick = Callable[[np.ndarray, np.ndarray], np.ndarray]
+class Pick(Protocol):
+    """The whole sampling chain, run by numpy (sampling.ChainPicker, the reference) or by the bundle's sampler
+    graph (graph_sampler.GraphSampler)."""
+
+    def __call__(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        """(R, V) logits and the (B, n) ids so far -> (B,) chosen logits columns."""
+
+    def skip(self, step: int, sequences: int) -> None:
+        """A step the grid forces, which runs no model: the draws the selector would make, and nothing else."""
+
+
 # a sampler graph chained onto the step: (its engine, its small feeds for this step) -> state.step_and_pick
 Chained = tuple[Engine, dict[str, np.ndarray]]
 
@@ -42,6 +57,8 @@ class LoopOptions:
     streams: int = 1
     # logits column -> token id, when the step graph has a reduced (visual-only) head
     logit_ids: np.ndarray | None = None
+    # the image grid (in logits columns), whose forced steps run no model (see above); None: every step runs
+    grid: VisualGridConstraint | None = None
 
 
 def _run(engine: Engine, state: StepState, ids, mask, pos, where: str, chained: Chained | None) -> np.ndarray:
@@ -69,9 +86,10 @@ def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int, chained:
 
 def decode_step(engine: Engine, state: StepState, ids: np.ndarray, step: int,
                 chained: Chained | None = None) -> np.ndarray:
-    """Feed one new token per row (R,) and return the next logits (R, V), or the chained sampler's (B,) columns."""
-    ids = ids.reshape(-1, 1).astype(np.int64)
-    pos = state.next_positions.reshape(-1, 1)
+    """Feed the new tokens of every row, (R,) or (R, S) (S = 2: a forced token and the one before it), and return
+    the next logits (R, V), or the chained sampler's (B,) columns."""
+    ids = ids.astype(np.int64).reshape(ids.shape[0], -1)
+    pos = state.next_positions[:, None] + np.arange(ids.shape[1])
     return _run(engine, state, ids, np.ones_like(ids), pos, f"decode step {step}", chained)
 
 
@@ -88,7 +106,7 @@ class Decoding:
         self.tokens = np.zeros((batch.rows // opts.streams, 0), dtype=np.int64)    # (B, n) generated so far
         self.done = np.zeros(self.tokens.shape[0], dtype=bool)                     # (B,) rows past their EOS
         self.finished = False
-        self._fed: np.ndarray | None = None        # (B,) ids chosen last step, not yet run through the model
+        self._fed: list[np.ndarray] | None = None  # (B,) ids chosen since the model last ran; None: no prefill yet
 
     def step(self) -> np.ndarray | None:
         """One step: the (B,) ids chosen for every row, or None once finished (EOS everywhere, the token budget,
@@ -96,21 +114,33 @@ class Decoding:
         if self.finished:
             return None
         opts, n = self.opts, self.tokens.shape[1]
-        chained = None if self.sampler is None else (self.sampler.engine, self.sampler.feeds(n, self.batch.rows))
-        if self._fed is None:
-            out = prefill(self.engine, self.cache, self.batch, opts.prefill_chunk, chained)
-        else:   # every stream of a sequence (CFG's cond and uncond rows) gets the id
-            out = decode_step(self.engine, self.cache, np.tile(self._fed, opts.streams), n - 1, chained)
-        # (R, V) logits through the host picker, or the chained sampler's columns: (B,) logits columns
-        columns = self.pick(out, self.tokens) if chained is None else self.sampler.checked(out)
+        forced = None if opts.grid is None or self._fed is None else opts.grid.forced(n)
+        if forced is not None and ((forced >= 0) | self.done).all():
+            self.pick.skip(n, len(self.done))     # no model run (module docstring)
+            columns = np.maximum(forced, 0)       # finished rows get pad below
+        else:
+            columns = self._run_model(n)
         chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
         ids = np.where(self.done, opts.pad_id, chosen)                         # finished rows get pad
         self.tokens = np.concatenate([self.tokens, ids[:, None]], axis=1)
         self.done |= ids == opts.eos_id
-        self._fed = ids
+        self._fed = (self._fed or []) + [ids]
         if self.done.all() or n + 1 == opts.max_new_tokens:
             self.close()
         return ids
+
+    def _run_model(self, n: int) -> np.ndarray:
+        """Prefill, or the ids fed since the last run: the (B,) logits columns chosen for step n."""
+        opts = self.opts
+        chained = None if self.sampler is None else (self.sampler.engine, self.sampler.feeds(n, self.batch.rows))
+        if self._fed is None:
+            out = prefill(self.engine, self.cache, self.batch, opts.prefill_chunk, chained)
+        else:   # every stream of a sequence (CFG's cond and uncond rows) gets the ids: (R, S)
+            out = decode_step(self.engine, self.cache, np.tile(np.stack(self._fed, axis=1), (opts.streams, 1)),
+                              n - 1, chained)
+            self._fed = []
+        # (R, V) logits through the host picker, or the chained sampler's columns: (B,) logits columns
+        return self.pick(out, self.tokens) if chained is None else self.sampler.checked(out)
 
     def close(self) -> None:
         """Finish now and release the decode state's KV cache (idempotent)."""

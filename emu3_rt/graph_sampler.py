@@ -71,6 +71,11 @@ class GraphSampler:
         uniforms = np.zeros(b) if self.draws is None else self.draws.uniforms(b)
         return {"kinds": kinds, "uniforms": uniforms, **self._scalars}
 
+    def skip(self, step: int, sequences: int) -> None:
+        """A step the grid forces (generate.Decoding runs no model for it): only this step's draws."""
+        if self.draws is not None:
+            self.draws.uniforms(sequences)
+
     @staticmethod
     def checked(ids: np.ndarray) -> np.ndarray:
         """The graph's (B,) ids output as int64 columns; a row with nothing allowed (-1) raises ValueError."""

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -144,9 +145,14 @@ class Emu3:
     """One loaded bundle. Safe to share between threads: every call (and every generation from start_chat /
     start_image) owns its own decode state; the engines are thread-safe, so nothing is locked for a whole image."""
 
-    def __init__(self, bundle: Bundle, engines: dict[str, Engine], prefill_chunk: int | None = None):
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine], prefill_chunk: int | None = None,
+                 host_argmax: bool = False):
         self.bundle = bundle
         self.engines = engines
+        # plain greedy (no CFG, no grid: chat's default) picks by numpy's argmax on the step's logits even with a
+        # sampler graph: onnxruntime CPU hands the logits over as numpy anyway, and its ArgMax over Emu3's 184,622
+        # ids costs 0.6 ms a step against numpy's 0.01 ms (load() sets it for onnxruntime CPU, sampler=None)
+        self.host_argmax = host_argmax
         # prompt tokens per prefill call (the bundle's default: 512)
         chunk = bundle.search["prefill_chunk"] if prefill_chunk is None else prefill_chunk
         self.prefill_chunk = as_int("prefill_chunk", chunk, 1)
@@ -216,15 +222,17 @@ class Emu3:
         select, seed, seeds = _seeded(sampling, seed, rows)
         params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                       top_p=sampling.top_p, greedy=sampling.greedy)
-        if route.sampler is not None:
+        plain_greedy = sampling.greedy and grid is None and (cfg_scale is None or cfg_scale == 1.0)
+        if route.sampler is not None and not (plain_greedy and self.host_argmax):
             rngs = None if sampling.greedy else select.rngs
             return GraphSampler(route.sampler, **params, rng=rngs), seed, seeds
         return ChainPicker(build_chain(**params), select), seed, seeds
 
-    def _decoding(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int) -> Decoding:
+    def _decoding(self, route: Route, batch: Batch, pick, max_new_tokens: int, streams: int,
+                  grid: VisualGridConstraint | None = None) -> Decoding:
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
-                           streams=streams, logit_ids=route.logit_ids)
+                           streams=streams, logit_ids=route.logit_ids, grid=grid)
         # the step engine's own decode state (device buffers on GPU engines; host numpy on the CPU)
         return Decoding(route.step, new_state(route.step, self.bundle, batch.rows), batch, pick, opts)
 
@@ -339,7 +347,7 @@ class Emu3:
             eos=col(t.eos), pad=col(t.pad), vocab_size=route.columns)
         pick, seed, seeds = self._picker(sampling, cfg, grid, seed, len(prompts), route)
         decoding = self._decoding(route, make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
-                                  2 if use_cfg else 1)
+                                  2 if use_cfg else 1, grid)
         return ImageGeneration(self, decoding, cond, grids, seed, seeds, negative, cfg)
 
     def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
@@ -386,7 +394,8 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     checked against bundle.json once per file version and remembered (emu3_rt.integrity); verify=True re-hashes
     everything (about 1 s per GB).
     sampler "graph": the bundle's sampler graph runs the sampling chain next to the step (only ids leave it);
-    "numpy": the reference chain on the host; None: the graph when the bundle has one and the engine is "ort".
+    "numpy": the reference chain on the host; None: the graph when the bundle has one and the engine is "ort",
+    except plain greedy (no CFG, no grid) on the CPU, which is numpy's argmax on the logits already on the host.
     warm: tasks ("chat", "image") whose graph sessions open in a background thread while the tokenizer is parsed
     (the CLI passes the command's task: a start-up cost paid in parallel instead of at the first step).
     """
@@ -423,7 +432,7 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
 
         engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
     _open_in_background(engines, warm)
-    return Emu3(bundle, engines, prefill_chunk)
+    return Emu3(bundle, engines, prefill_chunk, host_argmax=sampler is None and engine == "ort" and device == "cpu")
 
 
 # graphs each task opens (an image falls back to the decoder and its sampler without an image head: Emu3.route)
@@ -431,21 +440,29 @@ TASK_GRAPHS = {"chat": ("decoder", "sampler"), "image": ("image_decoder", "image
 
 
 def _open_in_background(engines: dict[str, Engine], tasks: Sequence[str]) -> None:
-    """Open the sessions the tasks will run, in a thread: onnxruntime builds them without the GIL, so this
-    overlaps the tokenizer's parse. A failure is left for the first run, which opens the session again and
+    """Open the sessions the tasks will run, one thread each: onnxruntime builds a session without the GIL, so
+    they overlap the tokenizer's parse. That parse holds the GIL for its whole 0.3-0.5 s, so a thread still in
+    Python when it starts waits for its end: this returns once every thread is on its way into onnxruntime (plus
+    a few ms for the last Python lines). A failure is left for the first run, which opens the session again and
     raises as usual."""
     keys = [k for task in tasks for k in TASK_GRAPHS[task] if k in engines]
     if "image" in tasks and "image_decoder" not in engines:
         keys += [k for k in TASK_GRAPHS["chat"] if k in engines]
 
-    def open_all():
-        for key in dict.fromkeys(keys):
-            try:
-                getattr(engines[key], "session", None)
-            except Exception:  # noqa: BLE001 - reported by the first run instead (see above)
-                pass
+    def open_one(key: str, started: threading.Event):
+        started.set()
+        try:
+            getattr(engines[key], "session", None)
+        except Exception:  # noqa: BLE001 - reported by the first run instead (see above)
+            pass
 
-    if keys:
+    events = []
+    for key in dict.fromkeys(keys):
+        events.append(threading.Event())
         # not a daemon: the interpreter waits for it at exit, as a process leaving while onnxruntime builds a
         # session in another thread aborts ("terminate called without an active exception", exit -6)
-        threading.Thread(target=open_all, name="emu3-rt-warm").start()
+        threading.Thread(target=open_one, args=(key, events[-1]), name=f"emu3-rt-warm-{key}").start()
+    if events:
+        for started in events:
+            started.wait(0.5)
+        time.sleep(0.01)

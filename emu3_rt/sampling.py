@@ -97,6 +97,8 @@ class VisualGridConstraint:
         for kind, token in ((self.EOL, eol), (self.EOF, eof), (self.EOI, eoi), (self.EOS, eos), (self.PAD, pad)):
             table[kind, token] = True
         self.table = table
+        # kind -> the one id it allows (-1: VISUAL, a choice)
+        self._single = np.array([-1, eol, eof, eoi, eos, pad], dtype=np.int64)
 
     def kinds(self, step: int) -> np.ndarray:
         """(B,) kind code of the id generated at `step` (0-based) in each row."""
@@ -107,6 +109,11 @@ class VisualGridConstraint:
 
     def allowed(self, step: int) -> np.ndarray:
         return self.table[self.kinds(step)]                               # (B, V) bool
+
+    def forced(self, step: int) -> np.ndarray:
+        """(B,) the id each row is forced to at `step` (EOL, EOF, EOI, EOS, PAD: the chain keeps only it whatever
+        the logits), -1 where the row picks a visual id."""
+        return self._single[self.kinds(step)]
 
     def __call__(self, logits: np.ndarray, state: DecodeState) -> np.ndarray:
         allowed = self.allowed(state.step)
@@ -218,7 +225,8 @@ class Sample:
         self.rngs = rngs
 
     def uniforms(self, rows: int) -> np.ndarray:
-        """(rows,) float64 in [0, 1): this step's draws."""
+        """(rows,) float64 in [0, 1): this step's draws (also drawn, and dropped, at a step the grid forces: a seed
+        gives the same image whether or not the decode loop skips that step's model run)."""
         if isinstance(self.rngs, np.random.Generator):
             return self.rngs.random(rows)
         if len(self.rngs) != rows:
@@ -276,3 +284,8 @@ class ChainPicker:
 
     def __call__(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
         return self.select(apply_chain(self.chain, logits, DecodeState(generated=generated)))
+
+    def skip(self, step: int, sequences: int) -> None:
+        """A step the grid forces (generate.Decoding runs no model for it): only the selector's draws."""
+        if isinstance(self.select, Sample):
+            self.select.uniforms(sequences)

@@ -6,10 +6,12 @@ BundleError; every control token's text checked to be its id, and every visual i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 from .bundle import Bundle, BundleError
-from .integrity import read_regular
+from .integrity import cache_dir, read_regular
 
 MAX_TOKENIZER = 64 << 20  # Emu3's is about 10 MB
 
@@ -66,8 +68,33 @@ def _load(bundle: Bundle, text: str):
     # library panics on some truncation settings (stride >= max_length) at encode time
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    _check_ids(tokenizer, bundle)
+    # the id checks read the whole vocabulary (0.15 s on Emu3's): their verdict is a function of bundle.json
+    # (which holds the tokenizer's sha256, checked at load) and of the library's version, so it is remembered
+    marker = _verdict_path(bundle)
+    if not marker.is_file():
+        _check_ids(tokenizer, bundle)
+        _remember(marker)
     return tokenizer
+
+
+# bump when _check_ids checks more
+_CHECKS = 1
+
+
+def _verdict_path(bundle: Bundle):
+    import tokenizers
+
+    key = f"{bundle.sha256}:{tokenizers.__version__}:{_CHECKS}"
+    return cache_dir() / "checked" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _remember(marker) -> None:
+    """An empty file: these ids were checked. A cache that cannot be written only costs the check next time."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError:
+        pass
 
 
 def _check_ids(tokenizer, bundle: Bundle) -> None:

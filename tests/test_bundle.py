@@ -294,6 +294,24 @@ def test_ids_must_agree_with_the_tokenizer(bundle_copy, edit, message):
         emu3_rt.load(bundle_copy)
 
 
+def test_id_checks_are_remembered_per_manifest(bundle_copy, monkeypatch, tmp_path):
+    """The tokenizer's id checks run once per bundle.json version: a second load skips them, an edited
+    manifest (another sha256) is checked again."""
+    from emu3_rt import tokenizer
+
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = tokenizer._check_ids
+    monkeypatch.setattr(tokenizer, "_check_ids", lambda tk, b: (calls.append(b.sha256), real(tk, b)))
+    emu3_rt.load(bundle_copy)
+    emu3_rt.load(bundle_copy)
+    assert len(calls) == 1
+    _edit(bundle_copy, _set("emu3.tokens.boi.id", 605))
+    with pytest.raises(BundleError, match="bundle.json says 605"):
+        emu3_rt.load(bundle_copy)
+    assert len(calls) == 2
+
+
 # ---- files: only regular files inside the bundle, bounded, all listed ----
 
 def _fifo(path):

@@ -186,9 +186,19 @@ def image_tokens(monkeypatch, bound: bool, picker: str, cfg_scale: float, sampli
         states.append(real_state(self, layout, rows, capacity_hint, bound=bound))
         return states[-1]
 
-    def on_logits(self, *args, **kwargs):   # the GraphSampler's pick as a plain Pick: the loop does not chain it
+    class OnLogits:   # the GraphSampler's pick as a plain Pick: the loop does not chain it
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def __call__(self, logits, generated):
+            return self.sampler.pick(logits, generated)
+
+        def skip(self, step, sequences):
+            self.sampler.skip(step, sequences)
+
+    def on_logits(self, *args, **kwargs):
         sampler, *rest = real_picker(self, *args, **kwargs)
-        return (lambda logits, generated: sampler.pick(logits, generated)), *rest
+        return OnLogits(sampler), *rest
 
     monkeypatch.setattr(OrtEngine, "new_state", new_state)
     if picker == "graph-on-logits":
@@ -233,7 +243,9 @@ def test_chained_traffic_is_ids_and_small_feeds(monkeypatch):
     kv = len(layout.past_names) * rows * layout.kv_heads * device.capacity * layout.head_size * 4
     feeds = 16 * seqs + 34
     t = device.traffic
-    assert t.calls == 1 + (3 * 4 + 3 - 1)    # one prefill chunk, then a decode step per token after the first
+    # one prefill chunk, then a step per visual token after the first: the grid's forced EOL, EOF, EOI and EOS run
+    # no model of their own (an EOL rides with the next row's first step; generate.py)
+    assert t.calls == 1 + (3 * 3 - 1)
     assert (t.last_h2d, t.last_d2h) == (4 * rows * 8 + feeds, 8 * seqs)
     assert t.last_h2d + t.last_d2h <= 64 * 1024 and t.last_d2h < rows * columns * 4 and t.last_h2d < kv
     t = host.traffic

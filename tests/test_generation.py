@@ -127,3 +127,32 @@ def test_one_batch_mixes_image_sizes(model):
         assert alone.tokens[0] == batch.tokens[i] and alone.grids[0] == batch.grids[i]
     with pytest.raises(ValueError, match="image_area holds 2 values for 3 prompts"):
         model.start_image(prompts, image_area=[4096, 4096])
+
+
+@pytest.mark.parametrize("sampler", ["graph", "numpy"])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingOptions(top_k=50)], ids=["greedy", "sampled"])
+def test_forced_steps_skip_the_model_and_change_nothing(monkeypatch, sampler, sampling):
+    """The grid's forced tokens (EOL, EOF, EOI, EOS, and pad of finished rows) run no model of their own: the same
+    tokens (greedy and seeded sampling, so the draws are the same too) as a loop that runs every step, with mixed
+    grids in one CFG batch, and fewer step-graph runs."""
+    from emu3_rt.engines import ort
+    from emu3_rt.pipeline import Emu3
+
+    model = emu3_rt.load(TINY_BUNDLE, sampler=sampler)
+    args = dict(ratio=["1:1", "2:1", "1:3"], image_area=[64 * 64, 96 * 48, 48 * 144], seed=[1, 2, 3], cfg_scale=3.0,
+                sampling=sampling)
+    runs, real_run, real_decoding = [], ort.OrtEngine.run, Emu3._decoding
+
+    def counted(self, feeds):
+        runs.append(self.spec.path.name)
+        return real_run(self, feeds)
+
+    monkeypatch.setattr(ort.OrtEngine, "run", counted)
+    folded = model.generate_image(["a cat", "a car", "a tree"], **args)
+    folded_runs, runs[:] = runs.count("decoder_step_visual.onnx"), []
+    monkeypatch.setattr(Emu3, "_decoding", lambda self, *a: real_decoding(self, *a[:5]))  # no grid: every step
+    every = model.generate_image(["a cat", "a car", "a tree"], **args)
+    assert folded.tokens == every.tokens and folded.grids == every.grids
+    assert runs.count("decoder_step_visual.onnx") == max(len(t) for t in every.tokens)
+    # a step runs when some row picks a visual id: the widest grid's EOLs ride along, its last 4 tokens never run
+    assert folded_runs < runs.count("decoder_step_visual.onnx") - 4

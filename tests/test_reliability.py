@@ -83,7 +83,8 @@ def test_engine_failure_in_cli_writes_nothing(tmp_path, capsys, monkeypatch):
     out = tmp_path / "x.png"
     code = main(["generate-image", "--prompt", "x", "-o", str(out), "--preview-every", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "decode step 28" in err[0]
+    # the 30th step-graph call (prefill, then decode steps; a grid's forced EOL rides with the next step's token)
+    assert code == 2 and len(err) == 1 and "decode step 31: decoder_step_visual.onnx: run failed" in err[0]
     assert list(tmp_path.iterdir()) == [], "no PNG, partial preview or temp file may remain"
 
 

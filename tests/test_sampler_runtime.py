@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 import emu3_rt
@@ -61,9 +60,12 @@ def test_one_sampler_call_per_step_and_no_logits_chain_on_host(models, monkeypat
 
     monkeypatch.setattr(ort.OrtEngine, "run", run)
     r = graph.generate_image("x", cfg_scale=3.0, image_area=64 * 64, sampling=emu3_rt.SamplingOptions(), seed=1)
-    steps = len(r.tokens[0])
-    assert calls.count("sampler_visual.onnx") == steps
-    assert calls.count("decoder_step_visual.onnx") == steps  # one prefill chunk + steps - 1 decode steps
+    (h, w), = r.grids
+    assert len(r.tokens[0]) == h * (w + 1) + 3
+    # one run per visual token (the prefill chunk, then a step per visual token after the first): the grid's forced
+    # EOL, EOF, EOI and EOS run no model (generate.py)
+    assert calls.count("sampler_visual.onnx") == h * w
+    assert calls.count("decoder_step_visual.onnx") == h * w
 
 
 def test_graph_sampler_refused_without_a_graph(bundle_copy):
@@ -90,9 +92,13 @@ def test_engine_failure_in_the_sampler_names_the_step(models, monkeypatch):
     graph, _ = models
     real = ort.OrtEngine.run
 
+    calls = []
+
     def run(self, feeds):
-        if self.spec.path.name == "sampler_visual.onnx" and feeds["kinds"].size and np.all(feeds["kinds"] == 1):
-            raise emu3_rt.EngineError("sampler_visual.onnx: run failed (injected)")
+        if self.spec.path.name == "sampler_visual.onnx":
+            calls.append(1)
+            if len(calls) == 3:
+                raise emu3_rt.EngineError("sampler_visual.onnx: run failed (injected)")
         return real(self, feeds)
 
     monkeypatch.setattr(ort.OrtEngine, "run", run)

@@ -40,7 +40,8 @@ class _Io:
                   **dict(zip(lay.past_names, state.kv))}
         outputs = {lay.logits: self.logits, **dict(zip(lay.present_names, self.presents))}
         self.binding = state.runner.bind(inputs, outputs, s, c)
-        # onnxruntime CUDA graphs: decode steps of this capacity replay one captured graph (0: no graph)
+        # onnxruntime CUDA graphs: one-token steps of this capacity replay one captured graph (0: no graph, for
+        # prefill chunks and the S = 2 step after a forced token)
         self.graph_id = state.runner.graph_id() if s == 1 else 0
 
 
@@ -138,8 +139,8 @@ class DeviceState:
             raise ValueError(f"ids must have {self.rows} rows (this state's), got {ids.shape[0]}")
         s, n = ids.shape[1], self.length
         self._reserve(n + s)
-        if s == 1:   # decoding: the prefill chunks' scratch tensors are no longer needed
-            self._ios = {k: v for k, v in self._ios.items() if k == 1}
+        if s <= 2:   # decoding (S = 2: a forced token rides with the next, generate.py): drop prefill scratch
+            self._ios = {k: v for k, v in self._ios.items() if k <= 2}
         io = self._ios.get(s) or self._ios.setdefault(s, _Io(self, s))
         c, self._keep = self.capacity, []
         # host -> engine: ids, positions, the slot columns filled since this I/O set last ran, the new columns
