@@ -23,7 +23,7 @@ _EXPORTS = {
     "ImageError": "image", "load_image": "image",
     "ChatResult": "generation", "ChatGeneration": "generation", "GenerationError": "generation",
     "ImageResult": "generation", "ImageGeneration": "generation", "Emu3": "pipeline",
-    "SamplingOptions": "pipeline", "load": "pipeline",
+    "SamplingOptions": "options", "load": "pipeline",
     "PromptError": "prompt",
 }
 __all__ = sorted(_EXPORTS)
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .engines import EngineError  # noqa: F401
     from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult  # noqa: F401
     from .image import ImageError, load_image  # noqa: F401
-    from .pipeline import Emu3, SamplingOptions, load  # noqa: F401
+    from .options import SamplingOptions  # noqa: F401
+    from .pipeline import Emu3, load  # noqa: F401
     from .prompt import PromptError  # noqa: F401
 
 

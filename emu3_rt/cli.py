@@ -171,7 +171,7 @@ def _progress(total: int, quiet: bool):
 
 
 def _sampling(args, bundle):
-    from .pipeline import SamplingOptions
+    from .options import SamplingOptions
 
     return SamplingOptions.from_bundle(bundle, greedy=True if args.greedy else None, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p)
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     restore_signals = _trap_signals()
     try:
         _check_utf8(argv)
-        from .pipeline import load, random_seed
+        from .options import random_seed
+        from .pipeline import load
 
         started = time.perf_counter()
         model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,

@@ -41,78 +41,14 @@ from .generate import Decoding, LoopOptions
 from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult, check_image_tokens  # noqa: F401
 from .graph_sampler import GraphSampler
 from .kv_cache import new_state
+from .options import SamplingOptions, sampling_options, seeded
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
-from .sampling import ChainPicker, Greedy, Sample, VisualGridConstraint, build_chain
+from .sampling import ChainPicker, VisualGridConstraint, build_chain
 
 # The embedded tiny bundle: models/emu3-tiny in a checkout, emu3_rt/models/emu3-tiny in an installed wheel.
 _HERE = Path(__file__).resolve().parent
 DEFAULT_BUNDLE = next((p for p in (_HERE.parent / "models" / "emu3-tiny", _HERE / "models" / "emu3-tiny")
                        if (p / "bundle.json").is_file()), _HERE / "models" / "emu3-tiny")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    # argmax decoding; when False, temperature -> top-k -> top-p -> a seeded multinomial draw
-    greedy: bool = False
-    temperature: float = 1.0
-    # candidates kept per step (Emu3's reference: 2048)
-    top_k: int = 2048
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        # types here; ranges in validate(), which checks them only when sampling
-        object.__setattr__(self, "greedy", as_flag("greedy", self.greedy))
-        object.__setattr__(self, "temperature", as_real("temperature", self.temperature))
-        object.__setattr__(self, "top_k", as_int("top_k", self.top_k))
-        object.__setattr__(self, "top_p", as_real("top_p", self.top_p))
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, **overrides) -> SamplingOptions:
-        s = bundle.search
-        base = dict(greedy=not s.get("do_sample", True), temperature=s["temperature"], top_k=s["top_k"],
-                    top_p=s["top_p"])
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-    def validate(self) -> None:
-        if not self.greedy:
-            if not (math.isfinite(self.temperature) and self.temperature > 0):
-                raise ValueError(f"temperature must be > 0, got {self.temperature}")
-            if self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-            if not (0 < self.top_p <= 1):
-                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def _sampling(value, bundle: Bundle) -> SamplingOptions:
-    if value is None:
-        value = SamplingOptions.from_bundle(bundle)
-    elif not isinstance(value, SamplingOptions):
-        raise TypeError(f"sampling must be a SamplingOptions or None, got {kind(value)}")
-    value.validate()
-    return value
-
-
-def random_seed() -> int:
-    """A fresh 32-bit seed (the range PNG metadata and the CLI record)."""
-    return int(np.random.SeedSequence().entropy % 2**32)
-
-
-def row_seeds(seed: int, rows: int) -> list[int]:
-    """Row i of a batch draws from seed + i (mod 2**32): its own stream, so one prompt run alone with that
-    seed reproduces the row (as A1111/diffusers batches do)."""
-    return [(seed + i) % 2**32 for i in range(rows)]
-
-
-def _seeded(options: SamplingOptions, seed: int | list[int] | None, rows: int):
-    """The selector, the seed actually used and the per-row seeds (None, None for greedy decoding). A list gives
-    each row its own seed (a server batching requests); the reported seed is then the first row's."""
-    if options.greedy:
-        return Greedy(), None, None
-    seed = random_seed() if seed is None else seed
-    seeds = list(seed) if isinstance(seed, list) else row_seeds(seed, rows)
-    seed = seeds[0]
-    return Sample([np.random.default_rng(s) for s in seeds]), seed, seeds
 
 
 def _per_prompt(name: str, value, n: int) -> list[int] | None:
@@ -219,7 +155,7 @@ class Emu3:
         chains onto the step: only the chosen ids leave the engine), else by numpy (a ChainPicker). Both give the
         same ids (tests/test_sampler_graph.py, tests/test_engine_state.py). Route: chat's by default."""
         route = route or self.route("chat")
-        select, seed, seeds = _seeded(sampling, seed, rows)
+        select, seed, seeds = seeded(sampling, seed, rows)
         params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                       top_p=sampling.top_p, greedy=sampling.greedy)
         plain_greedy = sampling.greedy and grid is None and (cfg_scale is None or cfg_scale == 1.0)
@@ -247,7 +183,7 @@ class Emu3:
         per_prompt = image_lists(images, len(prompts))
         system, raw = as_text("system", system), as_flag("raw", raw)
         allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
-        sampling, seed = _sampling(sampling, self.bundle), as_seed(seed, len(prompts))
+        sampling, seed = sampling_options(sampling, self.bundle), as_seed(seed, len(prompts))
         max_new = self.bundle.search["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         max_new = as_int("max_new_tokens", max_new, 1)
         if self.bundle.logit_ids is not None:
@@ -308,7 +244,7 @@ class Emu3:
         if ratio is not None and not as_texts("ratio", ratio):
             raise ValueError("ratio must be a \"W:H\" string or a non-empty sequence of them, got an empty one")
         areas = _per_prompt("image_area", image_area, len(prompts))
-        sampling, seed = _sampling(sampling, self.bundle), as_seed(seed, len(prompts))
+        sampling, seed = sampling_options(sampling, self.bundle), as_seed(seed, len(prompts))
         allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
         s = self.bundle.search
         cfg = s["cfg_scale"] if cfg_scale is None else cfg_scale

@@ -19,8 +19,9 @@ import emu3_rt
 from emu3_rt import image as imaging
 from emu3_rt.bundle import BundleError
 from emu3_rt.engines.ort import MAX_THREADS, OrtOptions
+from emu3_rt.generation import check_image_tokens
 from emu3_rt.image import ImageConfig, ImageError, load_image
-from emu3_rt.pipeline import SamplingOptions, check_image_tokens
+from emu3_rt.options import SamplingOptions
 from emu3_rt.prompt import PromptError
 
 from .conftest import REPO, TINY_BUNDLE

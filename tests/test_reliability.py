@@ -12,7 +12,8 @@ import pytest
 import emu3_rt
 from emu3_rt.cli import main
 from emu3_rt.engines import EngineError
-from emu3_rt.pipeline import GenerationError, SamplingOptions, check_image_tokens
+from emu3_rt.generation import GenerationError, check_image_tokens
+from emu3_rt.options import SamplingOptions
 from emu3_rt.prompt import PromptError
 
 from .conftest import TINY_BUNDLE, refresh_hash

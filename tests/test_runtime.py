@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import emu3_rt
-from emu3_rt.pipeline import SamplingOptions, check_image_tokens
+from emu3_rt.generation import check_image_tokens
+from emu3_rt.options import SamplingOptions
 from emu3_rt.prompt import calculate_generate_size, make_batch
 
 from .conftest import REPO, TINY_BUNDLE, cli

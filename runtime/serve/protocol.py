@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real, as_seed, as_text, kind
-from emu3_rt.pipeline import random_seed
+from emu3_rt.options import random_seed
 
 # size "WxH": each side at most this many pixels (the grid then comes from ratio W:H and area W*H)
 MAX_SIDE = 16384
