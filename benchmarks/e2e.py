@@ -413,9 +413,9 @@ def print_steps(report: dict) -> None:
 
 
 def _capacity(context: int) -> int:
-    from emu3_rt.kv_cache import KV_BLOCK
+    from emu3_rt.kv_cache import capacity_for
 
-    return -(-(context + 1) // KV_BLOCK) * KV_BLOCK
+    return capacity_for(context + 1)
 
 
 def plot(steps, path, config):

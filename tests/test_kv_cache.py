@@ -76,3 +76,15 @@ def test_trt_profiles_cover_every_buffer_capacity():
         assert top[2] >= largest and mask_top[1] == top[2] + seq
         assert profile["input_ids"][2] == (2, seq)
     assert decode["past_key_values.0.key"][0][2] <= KV_BLOCK  # the smallest buffer the runtime makes
+
+
+def test_host_capacity_blocks_grow_with_the_length():
+    """Small blocks while the cache is short (few empty slots for attention to read), KV_BLOCK once it is long;
+    capacities only grow, always hold what is needed, and never pass the KV_BLOCK multiple (TensorRT profiles)."""
+    from emu3_rt.kv_cache import KV_BLOCK, capacity_for
+
+    assert [capacity_for(n) for n in (1, 33, 300, 511, 512, 1000, 1500, 2048, 4097)] == \
+        [32, 64, 320, 512, 512, 1024, 1536, 2048, 4352]
+    caps = [capacity_for(n) for n in range(1, 9000)]
+    assert all(c >= n for n, c in zip(range(1, 9000), caps)) and caps == sorted(caps)
+    assert all(c <= -(-n // KV_BLOCK) * KV_BLOCK for n, c in zip(range(1, 9000), caps))

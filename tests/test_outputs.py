@@ -158,7 +158,7 @@ def test_batch_names_are_checked_before_generation(capsys, tmp_path, monkeypatch
 
 # ---- signals and stdout (subprocesses) ----
 
-SLOW_RUN = [sys.executable, "-m", "emu3_rt", "generate-image", "--prompt", "x", "--image-area", "16384",
+SLOW_RUN = [sys.executable, "-m", "emu3_rt", "generate-image", "--prompt", "x", "--image-area", "57600",
             "--cfg-scale", "3", "--preview-every", "1", "--greedy", "--quiet", "-o"]
 
 
@@ -172,7 +172,8 @@ def _wait_for(path: Path, proc, timeout: float = 60) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_mid_generation_cleans_up(tmp_path, sig):
-    # a 16x16 grid with a preview after every row: the signal lands while the decode loop runs
+    # a 30x30 grid with a preview after every row: the signal lands while the decode loop runs (a 16x16 one could
+    # finish between the first preview and the signal on a busy machine)
     proc = subprocess.Popen(SLOW_RUN + [str(tmp_path / "out.png")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "out.partial.png", proc)
