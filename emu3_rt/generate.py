@@ -29,6 +29,8 @@ from .sampling import VisualGridConstraint
 
 # on_token(step, ids): called after every step with the (B,) ids just chosen
 OnToken = Callable[[int, np.ndarray], None]
+
+
 class Pick(Protocol):
     """The whole sampling chain, run by numpy (sampling.ChainPicker, the reference) or by the bundle's sampler
     graph (graph_sampler.GraphSampler)."""
