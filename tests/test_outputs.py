@@ -174,8 +174,11 @@ def _wait_for(path: Path, proc, timeout: float = 60) -> None:
 def test_signal_mid_generation_cleans_up(tmp_path, sig):
     # a 30x30 grid with a preview after every row: the signal lands while the decode loop runs (a 16x16 one could
     # finish between the first preview and the signal on a busy machine)
+    # SIGINT at its default in the child: a test run started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python (so the CLI) then keeps ignoring it, as a background job should
     proc = subprocess.Popen(SLOW_RUN + [str(tmp_path / "out.png")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(tmp_path / "out.partial.png", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
