@@ -17,7 +17,7 @@ import numpy as np
 from . import chat_template
 from .bundle import Bundle, BundleError
 from .integrity import read_regular
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, special_ids
 
 IMAGE_PLACEHOLDER = "<image>"
 # (text, from_user): a prompt in pieces, so special-token strings the user typed can be kept literal
@@ -141,7 +141,7 @@ class PromptEncoder:
 
     def _special_ids(self) -> frozenset[int]:
         if self._specials is None:
-            self._specials = frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+            self._specials = special_ids(self.tokenizer, self.bundle)
         return self._specials
 
     def _literal(self):

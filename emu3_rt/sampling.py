@@ -103,9 +103,11 @@ class VisualGridConstraint:
     def kinds(self, step: int) -> np.ndarray:
         """(B,) kind code of the id generated at `step` (0-based) in each row."""
         off, w1 = step + 1, self.widths + 1
-        n = w1 * self.heights
-        return np.select([off % w1 == 0, off == n + 1, off == n + 2, off == n + 3, off > n + 3],
-                         [self.EOL, self.EOF, self.EOI, self.EOS, self.PAD], self.VISUAL)
+        past = off - w1 * self.heights            # 1: EOF, 2: EOI, 3: EOS, more: PAD
+        # the rules by offset past the grid, then EOL over them (it is tested first); called twice a step, so
+        # plain arithmetic rather than np.select (4x slower on a few rows)
+        kinds = np.where(past > 0, np.minimum(past, 4) + (self.EOF - 1), self.VISUAL)
+        return np.where(off % w1 == 0, self.EOL, kinds)
 
     def allowed(self, step: int) -> np.ndarray:
         return self.table[self.kinds(step)]                               # (B, V) bool

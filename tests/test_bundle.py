@@ -304,8 +304,11 @@ def test_id_checks_are_remembered_per_manifest(bundle_copy, monkeypatch, tmp_pat
     real = tokenizer._check_ids
     monkeypatch.setattr(tokenizer, "_check_ids", lambda tk, b: (calls.append(b.sha256), real(tk, b)))
     emu3_rt.load(bundle_copy)
-    emu3_rt.load(bundle_copy)
+    model = emu3_rt.load(bundle_copy)
     assert len(calls) == 1
+    # the special ids remembered with the verdict are the tokenizer's own
+    tk = model.prompts.tokenizer
+    assert tokenizer.special_ids(tk, model.bundle) == tokenizer._special_set(tk) != frozenset()
     _edit(bundle_copy, _set("emu3.tokens.boi.id", 605))
     with pytest.raises(BundleError, match="bundle.json says 605"):
         emu3_rt.load(bundle_copy)
@@ -469,7 +472,7 @@ def test_tokenizer_panic_is_a_bundle_error(bundle_copy, monkeypatch):
     assert not isinstance(raw.value, Exception)  # what `except Exception` would let through
 
     class Exploding:
-        from_str = staticmethod(panic)
+        from_buffer = staticmethod(panic)
 
     monkeypatch.setattr(tokenizers, "Tokenizer", Exploding)
     with pytest.raises(BundleError, match=r"tokenizer.json: the tokenizers library cannot load it \(`stride`"):
