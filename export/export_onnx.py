@@ -201,6 +201,42 @@ def export_decoder_step(model, out_dir: Path, opset: int, head_ids: list[int] | 
     # forward(*past) is a varargs parameter: its dims go in as one tuple
     dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
     wrapper = {"buffer": DecoderStepBuffered, "concat": DecoderStep}[kv_cache]
-    _export(wrapper(model, head_ids).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
-            _weight_bytes(model) - _weight_bytes(model.model.vqmodel))
+    path = _export(wrapper(model, head_ids).eval(), (ids, mask, pos, *past), spec, out_dir, dyn, opset,
+                   _weight_bytes(model) - _weight_bytes(model.model.vqmodel))
+    _rms_norm_as_div(path)
     return spec
+
+
+def _rms_norm_as_div(path: Path) -> int:
+    """Rewrite `x * Reciprocal(Sqrt(v))` (how torch.rsqrt in Emu3's RMSNorm exports) as `Div(x, Sqrt(v))`.
+
+    onnxruntime fuses Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul into one SimplifiedLayerNormalization, but
+    not the Reciprocal form: on the mid step graph 571 -> 469 nodes after optimization, logits within 1e-6, the
+    step 2 % faster. Plain opset-18 ops either way (TensorRT reads both). Returns the number rewritten."""
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = list(model.graph.node)
+    made_by = {out: n for n in nodes for out in n.output}
+    users: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    rewritten, drop, replace = 0, set(), {}
+    for n in nodes:
+        sqrt = made_by.get(n.input[0]) if n.op_type == "Reciprocal" else None
+        readers = users.get(n.output[0], []) if sqrt is not None else []
+        if sqrt is None or sqrt.op_type != "Sqrt" or len(readers) != 1 or n.output[0] in graph_outputs:
+            continue
+        mul = readers[0]
+        if mul.op_type != "Mul" or list(mul.input).count(n.output[0]) != 1:
+            continue
+        x = next(i for i in mul.input if i != n.output[0])
+        replace[id(mul)] = onnx.helper.make_node("Div", [x, sqrt.output[0]], list(mul.output), name=f"{mul.name}_div")
+        drop.add(id(n))
+        rewritten += 1
+    if rewritten:
+        kept = [replace.get(id(n), n) for n in nodes if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        onnx.save(model, str(path))
+    return rewritten

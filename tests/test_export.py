@@ -195,6 +195,24 @@ def test_fp16_bundle_verifies_and_runs(checkpoints, tmp_path):
     assert [im.size for im in r.images] == [(64, 64), (72, 56)]
 
 
+def test_rms_norm_exports_in_the_form_onnxruntime_fuses(bundles, tmp_path):
+    """Every RMSNorm of both step graphs reads x / Sqrt(..) (not x * Reciprocal(Sqrt(..))), so onnxruntime's
+    optimizer makes each one a single SimplifiedLayerNormalization (2 per layer + the final norm)."""
+    import onnx
+    import onnxruntime as ort
+
+    out, manifest, _ = bundles("tiny")
+    layers = manifest["model"]["decoder"]["num_hidden_layers"]
+    for name in ("decoder_step.onnx", "decoder_step_visual.onnx"):
+        ops = [n.op_type for n in onnx.load(str(out / name), load_external_data=False).graph.node]
+        assert "Reciprocal" not in ops, name
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(str(out / name), so, providers=["CPUExecutionProvider"])
+        fused = [n.op_type for n in onnx.load(str(tmp_path / name), load_external_data=False).graph.node]
+        assert fused.count("SimplifiedLayerNormalization") == 2 * layers + 1, name
+
+
 def test_checked_in_bundle_is_the_current_export(bundles):
     """models/emu3-tiny is `--preset tiny --seed 0` exported with the defaults. A fresh export must declare the
     same manifest and compute the same outputs, so an exporter change cannot leave the checked-in bundle stale.
