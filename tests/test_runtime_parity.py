@@ -50,8 +50,9 @@ def _setup(bundles, checkpoints, preset, kv_cache="buffer"):
     return str(out), str(checkpoints(preset))
 
 
-# KV layouts under test: the buffer growing in blocks of 256 (these prompts never fill one), the buffer growing
-# every 7 positions (odd, so growth lands inside prefill chunks and between decode steps), and concat.
+# KV layouts under test: the buffer growing as it does by default (kv_cache.capacity_for: 32-position blocks at
+# these lengths), the buffer growing every 7 positions (odd, so growth lands inside prefill chunks and between
+# decode steps), and concat.
 KV_CASES = [("buffer", 256), ("buffer", 7), ("concat", 256)]
 
 
@@ -85,22 +86,26 @@ def test_chat_two_images_templated(bundles, checkpoints, capsys, pictures):
     assert got["prompt_ids"] == ids and got["tokens"] == tokens
 
 
+# plain greedy picks with numpy's argmax on the CPU by default; "graph" runs the sampler graph's greedy branch
+@pytest.mark.parametrize("sampler", ["default", "graph"])
 @pytest.mark.parametrize("raw", [False, True])
-def test_chat_text_only(bundles, checkpoints, capsys, raw):
+def test_chat_text_only(bundles, checkpoints, capsys, raw, sampler):
     bundle, ck = _setup(bundles, checkpoints, "tiny")
     text = "hello world, what is a red cat?"
-    flags = ["--raw-prompt"] if raw else []
+    flags = (["--raw-prompt"] if raw else []) + (["--sampler", "graph"] if sampler == "graph" else [])
     got = run_cli(capsys, "chat", "--bundle", bundle, *flags, "--prompt", text, "--greedy",
                   "--max-new-tokens", "15")
     ids, tokens = hf.chat(ck, [text if raw else hf.template(ck, text, 0)], None, 15)
     assert got["prompt_ids"] == ids and got["tokens"] == tokens
 
 
+@pytest.mark.parametrize("sampler", ["default", "graph"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_chat_batch_of_two_lengths(bundles, checkpoints, capsys, pictures, preset):
+def test_chat_batch_of_two_lengths(bundles, checkpoints, capsys, pictures, preset, sampler):
     bundle, ck = _setup(bundles, checkpoints, preset)
     a, b = "a dog", "please describe the picture of the old house at night in detail"
-    got = run_cli(capsys, "chat", "--bundle", bundle, "--raw-prompt", "--prompt", a, "--prompt", b,
+    flags = ["--sampler", "graph"] if sampler == "graph" else []
+    got = run_cli(capsys, "chat", "--bundle", bundle, "--raw-prompt", "--prompt", a, "--prompt", b, *flags,
                   "--greedy", "--max-new-tokens", "9")
     ids, tokens = hf.chat(ck, [a, b], None, 9)
     assert got["prompt_ids"] == ids and got["tokens"] == tokens

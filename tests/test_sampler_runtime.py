@@ -115,3 +115,26 @@ def test_cli_sampler_choice_gives_the_same_image(tmp_path, capsys):
     assert (tmp_path / "graph.png").read_bytes() != b""
     assert (tmp_path / "graph.png").read_bytes().replace(b"graph", b"") == (tmp_path / "numpy.png").read_bytes(
     ).replace(b"numpy", b"")
+
+
+def test_plain_greedy_on_the_cpu_picks_on_the_host(monkeypatch):
+    """Chat's default (greedy, no CFG, no grid) on onnxruntime CPU takes numpy's argmax of the logits already on
+    the host instead of a sampler-graph run; sampler="graph" still runs the graph; the tokens are the same."""
+    calls = []
+    real = ort.OrtEngine.run
+
+    def run(self, feeds):
+        calls.append(self.spec.path.name)
+        return real(self, feeds)
+
+    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    prompts = ["hello there", "a longer question about things"]
+    auto = emu3_rt.load().chat(prompts, sampling=GREEDY, max_new_tokens=8)
+    assert "sampler.onnx" not in calls and calls.count("decoder_step.onnx") == 8
+    calls.clear()
+    forced = emu3_rt.load(sampler="graph").chat(prompts, sampling=GREEDY, max_new_tokens=8)
+    assert calls.count("sampler.onnx") == 8
+    assert auto.tokens == forced.tokens
+    calls.clear()   # CFG or the grid is never plain: an image still runs its sampler graph
+    emu3_rt.load().generate_image("x", image_area=64 * 64, cfg_scale=3.0, sampling=GREEDY)
+    assert calls.count("sampler_visual.onnx") == calls.count("decoder_step_visual.onnx") > 0
