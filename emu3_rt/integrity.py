@@ -227,14 +227,15 @@ def _load_stamps(path: Path) -> dict:
     return stamps if isinstance(stamps, dict) else {}
 
 
-def _save_stamps(path: Path, stamps: dict) -> None:
-    """Atomic (temp file + rename). A cache that cannot be written only costs a re-hash next time."""
+def save_cached_json(path: Path, value) -> None:
+    """Write a per-user cache file atomically (temp file + rename, in a 0700 directory). A cache that cannot be
+    written only costs recomputing it next time, so errors are dropped."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stamps-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.parent.name}-")
         with os.fdopen(fd, "w") as f:
-            json.dump(stamps, f)
+            json.dump(value, f)
         os.replace(tmp, path)
     except OSError:
         if tmp is not None:
@@ -267,7 +268,7 @@ def check_files(root: Path, files: dict[str, dict], graphs: list[str], force: bo
         if name in graphs:
             external[name] = [str(x) for x in stamp[6]]
     if fresh != stamps:
-        _save_stamps(cache, fresh)
+        save_cached_json(cache, fresh)
     return external
 
 

@@ -6,14 +6,11 @@ BundleError; every control token's text checked to be its id, and every visual i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 
 from .bundle import Bundle, BundleError
-from .integrity import cache_dir, read_regular
+from .integrity import cache_dir, read_regular, save_cached_json
 
 MAX_TOKENIZER = 64 << 20  # Emu3's is about 10 MB
 
@@ -127,19 +124,7 @@ def _remembered(bundle: Bundle) -> dict | None:
 
 
 def _remember(bundle: Bundle, facts: dict) -> None:
-    """Atomically (temp file + rename); a cache that cannot be written only costs the checks next time."""
-    path = _verdict_path(bundle)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checked-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(facts, f)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    save_cached_json(_verdict_path(bundle), facts)
 
 
 def _check_ids(tokenizer, bundle: Bundle) -> None:

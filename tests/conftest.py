@@ -93,3 +93,18 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def engine_runs(monkeypatch) -> list[str]:
+    """Every OrtEngine.run from now on, as the graph file's name (in order): to count steps and sampler calls."""
+    from emu3_rt.engines import ort
+
+    calls: list[str] = []
+    real = ort.OrtEngine.run
+
+    def run(self, feeds):
+        calls.append(self.spec.path.name)
+        return real(self, feeds)
+
+    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    return calls

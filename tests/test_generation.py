@@ -12,7 +12,7 @@ import pytest
 import emu3_rt
 from emu3_rt import GenerationError, SamplingOptions
 
-from .conftest import TINY_BUNDLE
+from .conftest import TINY_BUNDLE, engine_runs
 
 GREEDY = SamplingOptions(greedy=True)
 IMAGE = dict(cfg_scale=3.0, image_area=64 * 64, ratio=["1:1", "3:2"])
@@ -135,19 +135,12 @@ def test_forced_steps_skip_the_model_and_change_nothing(monkeypatch, sampler, sa
     """The grid's forced tokens (EOL, EOF, EOI, EOS, and pad of finished rows) run no model of their own: the same
     tokens (greedy and seeded sampling, so the draws are the same too) as a loop that runs every step, with mixed
     grids in one CFG batch, and fewer step-graph runs."""
-    from emu3_rt.engines import ort
     from emu3_rt.pipeline import Emu3
 
     model = emu3_rt.load(TINY_BUNDLE, sampler=sampler)
     args = dict(ratio=["1:1", "2:1", "1:3"], image_area=[64 * 64, 96 * 48, 48 * 144], seed=[1, 2, 3], cfg_scale=3.0,
                 sampling=sampling)
-    runs, real_run, real_decoding = [], ort.OrtEngine.run, Emu3._decoding
-
-    def counted(self, feeds):
-        runs.append(self.spec.path.name)
-        return real_run(self, feeds)
-
-    monkeypatch.setattr(ort.OrtEngine, "run", counted)
+    runs, real_decoding = engine_runs(monkeypatch), Emu3._decoding
     folded = model.generate_image(["a cat", "a car", "a tree"], **args)
     folded_runs, runs[:] = runs.count("decoder_step_visual.onnx"), []
     monkeypatch.setattr(Emu3, "_decoding", lambda self, *a: real_decoding(self, *a[:5]))  # no grid: every step

@@ -17,24 +17,9 @@ from PIL import Image
 from emu3_rt import output
 from emu3_rt.output import ImageOutputs, OutputError
 
-from .conftest import REPO, cli
+from .conftest import REPO, cli, engine_runs
 
 QUICK = ["--image-area", "4096", "--cfg-scale", "1", "--greedy", "--quiet"]   # an 8x8 grid, one row per image
-
-
-def _count_steps(monkeypatch):
-    """Count decoder calls, to prove a refusal came before the first step."""
-    from emu3_rt.engines import ort
-
-    calls = []
-    real = ort.OrtEngine.run
-
-    def run(self, feeds):
-        calls.append(self.spec.path.name)
-        return real(self, feeds)
-
-    monkeypatch.setattr(ort.OrtEngine, "run", run)
-    return calls
 
 
 # ---- targets that must never be replaced ----
@@ -58,7 +43,7 @@ def _symlink(p: Path) -> Path:
 @pytest.mark.parametrize("make,kind", [(_fifo, "FIFO"), (_dir, "directory"), (_symlink, "symbolic link")])
 def test_non_regular_target_is_refused_before_generation(capsys, tmp_path, monkeypatch, make, kind):
     target = make(tmp_path / "out.png")
-    calls = _count_steps(monkeypatch)
+    calls = engine_runs(monkeypatch)
     code, out, err = cli(capsys, "generate-image", "--prompt", "x", "-o", str(target), *QUICK)
     assert code == 2 and kind in err and err.count("\n") == 1, err
     assert calls == [] and (stat.S_ISFIFO(os.lstat(target).st_mode) if kind == "FIFO" else True)
@@ -75,7 +60,7 @@ def test_device_file_is_refused():
 @pytest.mark.parametrize("where,needle", [("missing/out.png", "does not exist"), ("file.txt/out.png", "not a dir")])
 def test_bad_directory_is_named_before_generation(capsys, tmp_path, monkeypatch, where, needle):
     (tmp_path / "file.txt").write_text("x")
-    calls = _count_steps(monkeypatch)
+    calls = engine_runs(monkeypatch)
     code, out, err = cli(capsys, "generate-image", "--prompt", "x", "-o", str(tmp_path / where), *QUICK)
     assert code == 2 and needle in err and str(Path(tmp_path / where).parent) in err, err
     assert calls == [] and ".tmp" not in err
@@ -86,7 +71,7 @@ def test_read_only_directory_is_named_before_generation(capsys, tmp_path, monkey
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    calls = _count_steps(monkeypatch)
+    calls = engine_runs(monkeypatch)
     code, out, err = cli(capsys, "generate-image", "--prompt", "x", "-o", str(ro / "o.png"), *QUICK)
     assert code == 2 and "not writable" in err and calls == []
 
@@ -149,7 +134,7 @@ def test_failed_batch_leaves_nothing(tmp_path, monkeypatch):
 
 def test_batch_names_are_checked_before_generation(capsys, tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "out-1.png")
-    calls = _count_steps(monkeypatch)
+    calls = engine_runs(monkeypatch)
     code, out, err = cli(capsys, "generate-image", "--prompt", "a", "--prompt", "b", "-o", str(tmp_path / "out.png"),
                          *QUICK)
     assert code == 2 and "out-1.png" in err and calls == []

@@ -11,7 +11,7 @@ import emu3_rt
 from emu3_rt.bundle import BundleError, load_bundle
 from emu3_rt.engines import ort
 
-from .conftest import TINY_BUNDLE
+from .conftest import TINY_BUNDLE, engine_runs
 
 GREEDY = emu3_rt.SamplingOptions(greedy=True)
 SAMPLED = [emu3_rt.SamplingOptions(), emu3_rt.SamplingOptions(top_k=5, top_p=0.8, temperature=0.7),
@@ -120,14 +120,7 @@ def test_cli_sampler_choice_gives_the_same_image(tmp_path, capsys):
 def test_plain_greedy_on_the_cpu_picks_on_the_host(monkeypatch):
     """Chat's default (greedy, no CFG, no grid) on onnxruntime CPU takes numpy's argmax of the logits already on
     the host instead of a sampler-graph run; sampler="graph" still runs the graph; the tokens are the same."""
-    calls = []
-    real = ort.OrtEngine.run
-
-    def run(self, feeds):
-        calls.append(self.spec.path.name)
-        return real(self, feeds)
-
-    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    calls = engine_runs(monkeypatch)
     prompts = ["hello there", "a longer question about things"]
     auto = emu3_rt.load().chat(prompts, sampling=GREEDY, max_new_tokens=8)
     assert "sampler.onnx" not in calls and calls.count("decoder_step.onnx") == 8
