@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"] = [bench_steps(hf_model, model, c, rows) for rows in (1, 2) for c in args.contexts]
         report["greedy_steps"] = [bench_steps(hf_model, model, c, rows, hf_steps=4, greedy=True)
                                   for rows in (1, 2) for c in args.contexts]
-        for s in report["steps"]:  # the capacity the runtime's buffer has at this context: the next KV_BLOCK multiple
+        for s in report["steps"]:  # the capacity the runtime's host buffer has at this context (capacity_for)
             s["attention_ms"] = attention_only_ms(model.bundle, _capacity(s["context"]), s["rows"], args.threads)
     print_report(report)
     if args.json:

@@ -38,7 +38,7 @@ class Pick(Protocol):
     def __call__(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
         """(R, V) logits and the (B, n) ids so far -> (B,) chosen logits columns."""
 
-    def skip(self, step: int, sequences: int) -> None:
+    def skip(self, sequences: int) -> None:
         """A step the grid forces, which runs no model: the draws the selector would make, and nothing else."""
 
 
@@ -118,7 +118,7 @@ class Decoding:
         opts, n = self.opts, self.tokens.shape[1]
         forced = None if opts.grid is None or self._fed is None else opts.grid.forced(n)
         if forced is not None and ((forced >= 0) | self.done).all():
-            self.pick.skip(n, len(self.done))     # no model run (module docstring)
+            self.pick.skip(len(self.done))     # no model run (module docstring)
             columns = np.maximum(forced, 0)       # finished rows get pad below
         else:
             columns = self._run_model(n)

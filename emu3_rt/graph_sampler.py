@@ -15,7 +15,7 @@ import numpy as np
 
 from .engines import Engine
 from .engines.state import SAMPLER_IDS, SAMPLER_LOGITS
-from .sampling import Sample, VisualGridConstraint, build_chain
+from .sampling import Sample, VisualGridConstraint, build_chain, guided
 
 NO_GRID = -1  # kinds value of a row without the grid constraint
 
@@ -41,8 +41,7 @@ class GraphSampler:
         self.engine, self.grid = engine, grid
         # Sample's own draws (one generator shared by the rows, or one per row), so the uniforms are identical
         self.draws = None if greedy else Sample(rng)
-        # build_chain's rule: CFG only for a scale != 1, and then the rows are B cond + B uncond
-        self.guided = cfg_scale is not None and cfg_scale != 1.0
+        self.guided = guided(cfg_scale)
         self.greedy = greedy
         self._scalars = {
             "cfg_scale": np.array(1.0 if cfg_scale is None else cfg_scale, dtype=np.float64),
@@ -71,7 +70,7 @@ class GraphSampler:
         uniforms = np.zeros(b) if self.draws is None else self.draws.uniforms(b)
         return {"kinds": kinds, "uniforms": uniforms, **self._scalars}
 
-    def skip(self, step: int, sequences: int) -> None:
+    def skip(self, sequences: int) -> None:
         """A step the grid forces (generate.Decoding runs no model for it): only this step's draws."""
         if self.draws is not None:
             self.draws.uniforms(sequences)

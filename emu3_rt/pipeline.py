@@ -43,7 +43,7 @@ from .graph_sampler import GraphSampler
 from .kv_cache import new_state
 from .options import SamplingOptions, sampling_options, seeded
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
-from .sampling import ChainPicker, VisualGridConstraint, build_chain
+from .sampling import ChainPicker, VisualGridConstraint, build_chain, guided
 
 # The embedded tiny bundle: models/emu3-tiny in a checkout, emu3_rt/models/emu3-tiny in an installed wheel.
 _HERE = Path(__file__).resolve().parent
@@ -158,7 +158,7 @@ class Emu3:
         select, seed, seeds = seeded(sampling, seed, rows)
         params = dict(cfg_scale=cfg_scale, grid=grid, temperature=sampling.temperature, top_k=sampling.top_k,
                       top_p=sampling.top_p, greedy=sampling.greedy)
-        plain_greedy = sampling.greedy and grid is None and (cfg_scale is None or cfg_scale == 1.0)
+        plain_greedy = sampling.greedy and grid is None and not guided(cfg_scale)
         if route.sampler is not None and not (plain_greedy and self.host_argmax):
             rngs = None if sampling.greedy else select.rngs
             return GraphSampler(route.sampler, **params, rng=rngs), seed, seeds
@@ -261,7 +261,7 @@ class Emu3:
             # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
             raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
                               f"needs at least 3 tokens per row (raise --image-area or change --ratio)")
-        use_cfg = cfg != 1.0  # Transformers only builds the CFG processor for a scale != 1
+        use_cfg = guided(cfg)
         if negative_prompt is not None and not use_cfg:
             # without guidance the negative prompt would be silently ignored
             raise ValueError("negative_prompt needs classifier-free guidance: cfg_scale is 1, so it would be ignored")

@@ -17,7 +17,7 @@ import numpy as np
 from . import chat_template
 from .bundle import Bundle, BundleError
 from .integrity import read_regular
-from .tokenizer import load_tokenizer, special_ids
+from .tokenizer import load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 # (text, from_user): a prompt in pieces, so special-token strings the user typed can be kept literal
@@ -97,9 +97,9 @@ class PromptEncoder:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.tokens = bundle.tokens
-        self.tokenizer = load_tokenizer(bundle)  # checked against bundle.json; BundleError names the file
+        # checked against bundle.json (BundleError names the file), and its special ids
+        self.tokenizer, self._specials = load_tokenizer(bundle)
         self._template = None
-        self._specials: frozenset[int] | None = None
         self._literal_tokenizer = None
 
     # text
@@ -125,7 +125,7 @@ class PromptEncoder:
             if from_user and t:
                 user.append((at, at + len(t)))
             at += len(t)
-        special = self._special_ids()
+        special = self._specials
         forged = lambda a, b: any(a < ue and us < b for us, ue in user)  # noqa: E731 - span overlap test
         trusted = [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i in special and not forged(a, b)]
         if len(trusted) == sum(i in special for i in enc.ids):
@@ -138,11 +138,6 @@ class PromptEncoder:
                 ids.append(i)
             at = b
         return ids
-
-    def _special_ids(self) -> frozenset[int]:
-        if self._specials is None:
-            self._specials = special_ids(self.tokenizer, self.bundle)
-        return self._specials
 
     def _literal(self):
         """A second tokenizer that reads special-token strings as ordinary text (built on first forged prompt)."""

@@ -252,12 +252,18 @@ class Sample:
 
 # ---- the chain ----
 
+def guided(cfg_scale: float | None) -> bool:
+    """Whether classifier-free guidance applies: Transformers builds its CFG processor only for a scale != 1
+    (None: no guidance), and then the rows are B cond + B uncond."""
+    return cfg_scale is not None and cfg_scale != 1.0
+
+
 def build_chain(*, cfg_scale: float | None, grid: VisualGridConstraint | None, temperature: float, top_k: int,
                 top_p: float, greedy: bool) -> list[LogitsFilter]:
     """Transformers' processor order: CFG (when scale != 1), the grid constraint, then when sampling:
     temperature (!= 1), top-k (> 0), top-p (< 1)."""
     chain: list[LogitsFilter] = []
-    if cfg_scale is not None and cfg_scale != 1.0:
+    if guided(cfg_scale):
         chain.append(ClassifierFreeGuidance(cfg_scale))
     if grid is not None:
         chain.append(grid)
@@ -287,7 +293,7 @@ class ChainPicker:
     def __call__(self, logits: np.ndarray, generated: np.ndarray) -> np.ndarray:
         return self.select(apply_chain(self.chain, logits, DecodeState(generated=generated)))
 
-    def skip(self, step: int, sequences: int) -> None:
+    def skip(self, sequences: int) -> None:
         """A step the grid forces (generate.Decoding runs no model for it): only the selector's draws."""
         if isinstance(self.select, Sample):
             self.select.uniforms(sequences)

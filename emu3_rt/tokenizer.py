@@ -39,6 +39,7 @@ def _regexes(node) -> list[str]:
 
 
 def load_tokenizer(bundle: Bundle):
+    """(the checked `tokenizers.Tokenizer`, the ids of its special added tokens: Emu3's control and visual ones)."""
     path = bundle.tokenizer_path
     data = read_regular(path, MAX_TOKENIZER)
     try:
@@ -69,19 +70,14 @@ def _load(bundle: Bundle, data: bytes):
     tokenizer.no_padding()
     # the id checks read the whole vocabulary (0.15 s on Emu3's): their verdict is a function of bundle.json
     # (which holds the tokenizer's sha256, checked at load) and of the library's version, so it is remembered,
-    # with the special ids that listing costs 26 ms more (special_ids)
-    if _remembered(bundle) is None:
-        _check_ids(tokenizer, bundle)
-        _remember(bundle, {"special_runs": _runs(_special_set(tokenizer))})
-    return tokenizer
-
-
-def special_ids(tokenizer, bundle: Bundle) -> frozenset[int]:
-    """Ids of the tokenizer's special added tokens (Emu3's control and visual tokens): remembered at load."""
+    # with the special ids, whose listing costs 26 ms more
     facts = _remembered(bundle)
     if facts is None:
-        return _special_set(tokenizer)
-    return frozenset(i for lo, hi in facts["special_runs"] for i in range(lo, hi))
+        _check_ids(tokenizer, bundle)
+        specials = _special_set(tokenizer)
+        _remember(bundle, {"special_runs": _runs(specials)})
+        return tokenizer, specials
+    return tokenizer, frozenset(i for lo, hi in facts["special_runs"] for i in range(lo, hi))
 
 
 def _special_set(tokenizer) -> frozenset[int]:

@@ -307,8 +307,8 @@ def test_id_checks_are_remembered_per_manifest(bundle_copy, monkeypatch, tmp_pat
     model = emu3_rt.load(bundle_copy)
     assert len(calls) == 1
     # the special ids remembered with the verdict are the tokenizer's own
-    tk = model.prompts.tokenizer
-    assert tokenizer.special_ids(tk, model.bundle) == tokenizer._special_set(tk) != frozenset()
+    tk, specials = tokenizer.load_tokenizer(model.bundle)
+    assert len(calls) == 1 and specials == tokenizer._special_set(tk) != frozenset()
     _edit(bundle_copy, _set("emu3.tokens.boi.id", 605))
     with pytest.raises(BundleError, match="bundle.json says 605"):
         emu3_rt.load(bundle_copy)

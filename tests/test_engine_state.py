@@ -196,8 +196,8 @@ def image_tokens(monkeypatch, bound: bool, picker: str, cfg_scale: float, sampli
         def __call__(self, logits, generated):
             return self.sampler.pick(logits, generated)
 
-        def skip(self, step, sequences):
-            self.sampler.skip(step, sequences)
+        def skip(self, sequences):
+            self.sampler.skip(sequences)
 
     def on_logits(self, *args, **kwargs):
         sampler, *rest = real_picker(self, *args, **kwargs)
