@@ -216,6 +216,16 @@ def _share_two(root):
     return share_weights([root / "full.onnx", root / "visual.onnx"], "w.data"), full, visual
 
 
+def _assert_chains(ort, root, full, visual, x):
+    """Each written graph computes x times its weight matrices in order."""
+    for name, weights in (("full", full), ("visual", visual)):
+        y = x
+        for w in weights.values():
+            y = y @ w
+        got = ort.InferenceSession(str(root / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(got.run(None, {"x": x})[0], y, rtol=1e-5, atol=1e-6)
+
+
 def test_share_weights_stores_common_tensors_once(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
@@ -223,12 +233,7 @@ def test_share_weights_stores_common_tensors_once(tmp_path):
 
     x = np.random.default_rng(1).standard_normal((1, 8), dtype=np.float32)
     shared, full, visual = _share_two(tmp_path / "a")
-    for name, weights in (("full", full), ("visual", visual)):
-        y = x
-        for w in weights.values():
-            y = y @ w
-        got = ort.InferenceSession(str(tmp_path / "a" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(got.run(None, {"x": x})[0], y, rtol=1e-5, atol=1e-6)
+    _assert_chains(ort, tmp_path / "a", full, visual, x)
     # body a/b only 256 bytes each: inline in both graphs; the heads (1280 and 1152 bytes) stored once each
     big = [w for w in [*full.values(), *visual.values()] if w.nbytes >= MIN_EXTERNAL]
     assert shared.stored == {"full.onnx": 1, "visual.onnx": 1} and shared.reused == {"full.onnx": 0,
@@ -256,12 +261,7 @@ def test_share_weights_dedupes_by_content_across_names(tmp_path, monkeypatch):
                                                                                      "visual.onnx": 2}
     assert external_data(tmp_path / "a" / "full.onnx") == external_data(tmp_path / "a" / "visual.onnx") == {"w.data"}
     x = np.ones((1, 8), np.float32)
-    for name, weights in (("full", full), ("visual", visual)):
-        y = x
-        for w in weights.values():
-            y = y @ w
-        got = ort.InferenceSession(str(tmp_path / "a" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(got.run(None, {"x": x})[0], y, rtol=1e-5, atol=1e-6)
+    _assert_chains(ort, tmp_path / "a", full, visual, x)
 
 
 # ---- fresh exports (torch + transformers) ----

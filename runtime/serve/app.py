@@ -154,17 +154,25 @@ class Emu3Service:
         return {**self.stats.snapshot(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "pid": os.getpid(), "max_batch_rows": self.max_rows, "batching": self.batches is not None}
 
-    @api.post("/v1/images/generations")
-    async def images(self, request: Request):
-        started, refusal = await self._submit(request, protocol.image_job)
+    async def _respond(self, request: Request, parse, stream, finish):
+        """Both generation routes: submit the request; then an SSE response of stream(job, events), or the final
+        event as JSON through finish(job, event) (an error event: its status and one-line body)."""
+        started, refusal = await self._submit(request, parse)
         if refusal is not None:
             return refusal
         job, events = started
         if job.stream:
-            return StreamingResponse(self._image_stream(job, events), media_type="text/event-stream")
+            return StreamingResponse(stream(job, events), media_type="text/event-stream")
         event = await _final_event(job, events)
         if event["type"] == "error":
             return _error(event["error"])
+        return await finish(job, event)
+
+    @api.post("/v1/images/generations")
+    async def images(self, request: Request):
+        return await self._respond(request, protocol.image_job, self._image_stream, self._image_response)
+
+    async def _image_response(self, job: Job, event: dict):
         items = await asyncio.to_thread(self._image_items, job, event)
         return protocol.image_response(job, items, self.model)
 
@@ -193,21 +201,15 @@ class Emu3Service:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        started, refusal = await self._submit(request, protocol.chat_job)
-        if refusal is not None:
-            return refusal
-        job, events = started
-        cid = protocol.chat_id()
-        if job.stream:
-            return StreamingResponse(self._chat_stream(job, cid, events), media_type="text/event-stream")
-        event = await _final_event(job, events)
-        if event["type"] == "error":
-            return _error(event["error"])
-        return protocol.chat_response(job, cid, event["result"], event["rows"], self.model)
+        return await self._respond(request, protocol.chat_job, self._chat_stream, self._chat_response)
 
-    async def _chat_stream(self, job: Job, cid: str, events):
+    async def _chat_response(self, job: Job, event: dict):
+        return protocol.chat_response(job, protocol.chat_id(), event["result"], event["rows"], self.model)
+
+    async def _chat_stream(self, job: Job, events):
         """SSE in OpenAI's chunk format: the role, content deltas (they add up to the full text), a last chunk per
-        choice with its finish_reason, the usage chunk if asked for, then [DONE]."""
+        choice with its finish_reason, the usage chunk if asked for, then [DONE]; one id for all its chunks."""
+        cid = protocol.chat_id()
         chunk = lambda choices, **extra: sse(protocol.chat_chunk(job, cid, self.model, choices, **extra))  # noqa: E731
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
