@@ -24,7 +24,7 @@ _EXPORTS = {
     "ChatResult": "generation", "ChatGeneration": "generation", "GenerationError": "generation",
     "ImageResult": "generation", "ImageGeneration": "generation", "Emu3": "pipeline",
     "SamplingOptions": "options", "load": "pipeline",
-    "PromptError": "prompt",
+    "PromptError": "prompt", "Turn": "prompt",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .image import ImageError, load_image  # noqa: F401
     from .options import SamplingOptions  # noqa: F401
     from .pipeline import Emu3, load  # noqa: F401
-    from .prompt import PromptError  # noqa: F401
+    from .prompt import PromptError, Turn  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from . import image as imaging
-from .prompt import PromptError
+from .prompt import PromptError, Turn
 
 
 def kind(value) -> str:
@@ -120,6 +120,30 @@ def image_lists(images, n: int) -> list[list]:
     if len(images) != n:
         raise PromptError(f"{n} prompts but {len(images)} image lists")
     return [one(x) for x in images]
+
+
+def history_lists(history, n: int) -> list[tuple[Turn, ...]]:
+    """`history` of chat -> the earlier turns of each of the n prompts. One prompt: None or a sequence of Turn.
+    A batch: None, or one entry per prompt, each None or a sequence of Turn."""
+    def one(x) -> tuple[Turn, ...]:
+        if x is None:
+            return ()
+        if not isinstance(x, Sequence) or isinstance(x, (str, bytes, bytearray)):
+            raise TypeError(f"history must be a sequence of emu3_rt.Turn, got {kind(x)}")
+        for t in x:
+            if not isinstance(t, Turn):
+                raise TypeError(f"history must hold emu3_rt.Turn (role, text, images), got {kind(t)}")
+        return tuple(x)
+
+    if n == 1 or history is None:
+        return [one(history)] + [() for _ in range(n - 1)]
+    if not isinstance(history, Sequence) or isinstance(history, (str, bytes, bytearray)) or \
+            any(isinstance(h, Turn) for h in history):
+        raise TypeError(f"history for {n} prompts must be a sequence with one list of turns per prompt, got "
+                        f"{kind(history)}")
+    if len(history) != n:
+        raise PromptError(f"{n} prompts but {len(history)} histories")
+    return [one(x) for x in history]
 
 
 def open_image(x) -> Image.Image:

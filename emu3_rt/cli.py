@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bundle is None:
             _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
                         "(pass --bundle DIR for a real model)")
-        seed = None if args.greedy else (random_seed() if args.seed in (None, -1) else args.seed)
+        greedy = args.greedy or args.temperature == 0   # SamplingOptions.from_bundle: temperature 0 is greedy
+        seed = None if greedy else (random_seed() if args.seed in (None, -1) else args.seed)
         if args.seed in (None, -1) and seed is not None and not args.quiet:
             print(f"seed: {seed}", file=sys.stderr, flush=True)   # before generating: survives a failure or Ctrl-C
         out = (run_chat if args.command == "chat" else run_generate_image)(args, model, seed)

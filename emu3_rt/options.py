@@ -4,6 +4,7 @@ draw) and the seeds, one stream per batch row so a row reproduces alone."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,18 @@ class SamplingOptions:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **overrides) -> SamplingOptions:
+        """The bundle's search defaults with a caller's overrides (None: the default). A temperature override of 0
+        means greedy decoding, as OpenAI's API and llama.cpp read it: the CLI's --temperature 0 and the service's
+        "temperature": 0 both come through here (constructed directly, SamplingOptions(temperature=0) is refused)."""
         s = bundle.search
         base = dict(greedy=not s.get("do_sample", True), temperature=s["temperature"], top_k=s["top_k"],
                     top_p=s["top_p"])
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        t = overrides.get("temperature")
+        if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)) and t == 0:
+            overrides["greedy"] = True
+            del overrides["temperature"]
+        base.update(overrides)
         return cls(**base)
 
     def validate(self) -> None:

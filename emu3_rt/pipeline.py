@@ -30,6 +30,7 @@ from .argcheck import (
     as_seed,
     as_text,
     as_texts,
+    history_lists,
     image_lists,
     kind,
     open_image,
@@ -176,11 +177,17 @@ class Emu3:
 
     def start_chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
                    raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
-                   seed: int | Sequence[int] | None = None, allow_special_tokens: bool = False) -> ChatGeneration:
+                   seed: int | Sequence[int] | None = None, allow_special_tokens: bool = False,
+                   history: Sequence | None = None) -> ChatGeneration:
         """Check the arguments, encode the images and prompts, and return the generation ready to step (see
         generation.py); `chat` runs it to the end. Arguments as `chat`."""
         prompts = as_prompts(prompts)
         per_prompt = image_lists(images, len(prompts))
+        histories = history_lists(history, len(prompts))
+        for ims, turns in zip(per_prompt, histories):
+            if sum(t.images for t in turns) > len(ims):
+                raise PromptError(f"the earlier turns hold {sum(t.images for t in turns)} image(s) but "
+                                  f"{len(ims)} were given")
         system, raw = as_text("system", system), as_flag("raw", raw)
         allow_special_tokens = as_flag("allow_special_tokens", allow_special_tokens)
         sampling, seed = sampling_options(sampling, self.bundle), as_seed(seed, len(prompts))
@@ -191,14 +198,17 @@ class Emu3:
         per_prompt = [[open_image(x) for x in ims] for ims in per_prompt]  # paths -> images, after cheap checks
         codes = self.encode_images([im for ims in per_prompt for im in ims])
         ids, k = [], 0
-        for text, ims in zip(prompts, per_prompt):
-            prompt = self.prompts.chat_fragments(text, len(ims), system=system, raw=raw,
-                                                 allow_special_tokens=allow_special_tokens)
+        for text, ims, turns in zip(prompts, per_prompt, histories):
+            prompt = self.prompts.chat_fragments(text, len(ims) - sum(t.images for t in turns), system=system,
+                                                 raw=raw, allow_special_tokens=allow_special_tokens, history=turns)
             ids.append(self.prompts.encode_chat(prompt, codes[k: k + len(ims)], allow_special_tokens))
             k += len(ims)
         longest = max(map(len, ids))
         room = self.bundle.context_length - longest
         if room < 1:
+            if any(histories):
+                raise PromptError(f"the conversation is {longest} tokens (images included); the model's context "
+                                  f"is {self.bundle.context_length}: drop earlier turns")
             raise PromptError(f"the prompt is {longest} tokens; the model's context is {self.bundle.context_length}")
         route = self.route("chat")
         pick, seed, seeds = self._picker(sampling, 1.0, None, seed, len(prompts), route)
@@ -208,7 +218,8 @@ class Emu3:
     def chat(self, prompts: str | Sequence[str], images: Sequence | None = None, *, system: str | None = None,
              raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
              seed: int | Sequence[int] | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
-             on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False) -> ChatResult:
+             on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False,
+             history: Sequence | None = None) -> ChatResult:
         """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
         An image is a PIL image or a file path (str / os.PathLike, read with `load_image`).
 
@@ -217,10 +228,14 @@ class Emu3:
         Special-token strings typed in prompts or the system message stay literal text (`<image>` excepted);
         allow_special_tokens=True turns them into control ids, as Transformers' processor does.
         seed: one int (row i draws from seed + i) or one per prompt.
+        history: the earlier turns of a conversation (emu3_rt.Turn: role, text, how many images), rendered by the
+        chat template before the prompt; for a batch, one list per prompt. `images` then holds every image of the
+        conversation in message order: the earlier turns' first, then the prompt's.
         """
         on_token, on_text = as_callback("on_token", on_token), as_callback("on_text", on_text)
         gen = self.start_chat(prompts, images, system=system, raw=raw, max_new_tokens=max_new_tokens,
-                              sampling=sampling, seed=seed, allow_special_tokens=allow_special_tokens)
+                              sampling=sampling, seed=seed, allow_special_tokens=allow_special_tokens,
+                              history=history)
         with closing(gen):
             while (ids := gen.step()) is not None:
                 for row, delta in enumerate(gen.text_deltas() if on_text else ()):

@@ -8,6 +8,7 @@ Batches are left-padded; `Batch` carries ids, mask and position ids (R, L) for t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from dataclasses import dataclass
@@ -26,6 +27,27 @@ Fragment = tuple[str, bool]
 
 class PromptError(ValueError):
     """A prompt that cannot be built (image count mismatch, empty prompt, bad ratio). One line."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier message of a chat, rendered by the bundle's chat template before the prompt: role "user" or
+    "assistant", its text, and how many of the chat's images it holds (user turns only). A chat's images come in
+    message order: the earlier turns' first, then the prompt's."""
+    role: str
+    text: str
+    images: int = 0
+
+    def __post_init__(self):
+        if self.role not in ("user", "assistant"):
+            raise PromptError(f"a chat turn's role must be 'user' or 'assistant', got {self.role!r:.40}")
+        if not isinstance(self.text, str):
+            raise TypeError(f"a chat turn's text must be str, got {type(self.text).__name__}")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 0:
+            raise TypeError(f"a chat turn's images must be an int >= 0 (how many images it holds), got "
+                            f"{self.images!r:.40}")
+        if self.role == "assistant" and self.images:
+            raise PromptError("an assistant turn cannot hold images")
 
 
 # ---- chat template ----
@@ -188,25 +210,33 @@ class PromptEncoder:
         return grid.reshape(-1).tolist()
 
     def chat_fragments(self, text: str, n_images: int, *, system: str | None = None, raw: bool = False,
-                       allow_special_tokens: bool = False) -> list[Fragment]:
-        """A chat prompt as (text, from_user) fragments: the bundle's template (system, USER: images + text,
-        ASSISTANT:) rendered around the user's text, or with raw=True the user's text as is (`<image>` marks images).
+                       allow_special_tokens: bool = False, history: tuple[Turn, ...] = ()) -> list[Fragment]:
+        """A chat prompt as (text, from_user) fragments: the bundle's template (system, the earlier turns of
+        `history`, USER: images + text, ASSISTANT:) rendered around the caller's strings, or with raw=True the
+        user's text as is (`<image>` marks images). n_images: the images of this prompt (history's turns count
+        their own).
 
-        The template is rendered with sentinels in place of the user's strings, so we know which characters the
-        user typed; a template that transforms message text cannot be tracked and is refused.
+        The template is rendered with sentinels in place of the caller's strings (every turn's text: all of them
+        came from the client), so we know which characters were typed; a template that transforms message text
+        cannot be tracked and is refused.
         """
         if raw:
+            if history:
+                raise PromptError("earlier chat turns need the chat template; a raw prompt is the whole text")
             return [(text, True)]
         if allow_special_tokens:  # Transformers' behaviour: the rendered string is tokenized as a whole
-            return [(self.render_chat(_chat_messages(text, n_images, system)), False)]
+            return [(self.render_chat(_chat_messages(text, n_images, system, history)), False)]
         nonce = secrets.token_hex(8)
-        user = {f"\ue000{nonce}:{k}\ue001": value for k, value in enumerate([text, system])}
+        texts = [text, system, *(t.text for t in history)]
+        user = {f"\ue000{nonce}:{k}\ue001": value for k, value in enumerate(texts)}
         marks = list(user)
-        rendered = self.render_chat(_chat_messages(marks[0], n_images, marks[1] if system else None))
+        turns = tuple(dataclasses.replace(t, text=m) for t, m in zip(history, marks[2:]))
+        rendered = self.render_chat(_chat_messages(marks[0], n_images, marks[1] if system else None, turns))
         pieces = re.split(f"(\ue000{nonce}:\\d+\ue001)", rendered)
         fragments = [(user[p], True) if p in user else (p, False) for p in pieces if p]
         seen = [p for p in pieces if p in user]
-        if sorted(seen) != sorted(marks[: 1 + bool(system)]) or any("\ue000" in t for t, u in fragments if not u):
+        expected = marks[:1] + marks[1:2] * bool(system) + marks[2:]
+        if sorted(seen) != sorted(expected) or any("\ue000" in t for t, u in fragments if not u):
             raise PromptError("the bundle's chat template rewrites the message text, so user text cannot be kept "
                               "literal; pass allow_special_tokens=True (--allow-special-tokens) or a raw prompt")
         return fragments
@@ -247,8 +277,11 @@ class PromptEncoder:
         return self.encode_fragments(fragments, allow_special_tokens)
 
 
-def _chat_messages(text: str, n_images: int, system: str | None) -> list[dict]:
-    """One user turn (images first, then the text), after an optional system message, as Transformers' processor."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+def _chat_messages(text: str, n_images: int, system: str | None, history: tuple[Turn, ...] = ()) -> list[dict]:
+    """An optional system message, the earlier turns, then the user's turn; each turn's images first, then its
+    text, as Transformers' processor lays out messages."""
+    def message(role: str, text: str, images: int) -> dict:
+        return {"role": role, "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    return messages + [{"role": "user", "content": content}]
+    return messages + [message(t.role, t.text, t.images) for t in history] + [message("user", text, n_images)]

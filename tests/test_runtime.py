@@ -37,6 +37,30 @@ def test_generate_image_api(model):
     assert r.negative_prompt == model.bundle.search["negative_prompt"]
 
 
+def test_chat_history_renders_the_earlier_turns_through_the_template(model):
+    """Earlier turns (emu3_rt.Turn) go through the bundle's chat template, images in message order: the same ids
+    as the conversation the template renders, typed as a raw prompt; a conversation past the context is refused."""
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    history = [emu3_rt.Turn("user", "Describe.", images=1), emu3_rt.Turn("assistant", "A cat.")]
+    turns = model.chat("What color?", images=[photo], history=history, sampling=GREEDY, max_new_tokens=6)
+    raw = model.chat("USER: <image>Describe. ASSISTANT: A cat. USER: What color? ASSISTANT:", images=[photo],
+                     raw=True, sampling=GREEDY, max_new_tokens=6)
+    assert turns.prompt_ids == raw.prompt_ids and turns.tokens == raw.tokens
+    # a batch: one history per prompt, and the prompt without history is the plain one
+    both = model.chat(["What color?", "hi"], images=[[photo], []], history=[history, None], sampling=GREEDY,
+                      max_new_tokens=6)
+    assert both.prompt_ids[0] == raw.prompt_ids[0]
+    assert both.prompt_ids[1] == model.chat("hi", sampling=GREEDY, max_new_tokens=1).prompt_ids[0]
+    with pytest.raises(emu3_rt.PromptError, match="the conversation is .* tokens .*context is 1024: drop earlier"):
+        model.chat("x", history=[emu3_rt.Turn("user", "a " * 600), emu3_rt.Turn("assistant", "b " * 600)])
+    with pytest.raises(emu3_rt.PromptError, match="earlier turns hold 1 image"):
+        model.chat("x", history=history)
+    with pytest.raises(emu3_rt.PromptError, match="assistant turn cannot hold images"):
+        emu3_rt.Turn("assistant", "x", images=1)
+    with pytest.raises(TypeError, match="history must hold emu3_rt.Turn"):
+        model.chat("x", history=[{"role": "user", "content": "a"}])
+
+
 def test_chat_api_streams_text(model):
     img = Image.new("RGB", (50, 70), (200, 10, 10))
     deltas = []
@@ -122,6 +146,21 @@ def test_cli_chat_json(capsys):
     assert code == 0, err
     out = json.loads(stdout)
     assert set(out) >= {"text", "prompt_ids", "tokens", "seed"} and len(out["tokens"][0]) <= 4
+
+
+@pytest.mark.parametrize("command", [["chat", "--prompt", "hi", "--max-new-tokens", "6"],
+                                     ["generate-image", "--prompt", "a cat", "-o", "{tmp}/x.png"]])
+def test_cli_temperature_zero_is_greedy(tmp_path, command):
+    """`--temperature 0` decodes greedily, as OpenAI's temperature 0 (SamplingOptions.from_bundle), through the
+    installed entry point; no seed is drawn or printed for it."""
+    def run(*extra):
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in command] + ["--json", *extra]
+        out = subprocess.run(["emu3-rt", *argv], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout), out.stderr
+
+    (zero, err), (greedy, _) = run("--temperature", "0"), run("--greedy")
+    assert zero["tokens"] == greedy["tokens"] and zero["seed"] is None and "seed: " not in err
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -17,8 +17,10 @@ import json
 import os
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real
@@ -36,6 +38,28 @@ api = FastAPI(title="emu3-rt", version=emu3_rt.__version__,
 
 class _TooLarge(Exception):
     """The request body is over MAX_BODY_BYTES (413)."""
+
+
+# FastAPI's own answers (no such route 404, wrong method 405, validation 422, an unexpected failure 500) in the
+# same {"error": ...} shape as every other error, as OpenAI's clients expect
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException):
+    allow = (e.headers or {}).get("Allow")
+    reason = f"{e.detail}" + (f" (this route takes {allow})" if allow else "")
+    return JSONResponse(protocol.error_json(e.status_code, f"{request.method} {request.url.path}: {reason}"),
+                        status_code=e.status_code, headers=e.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    first = (e.errors() or [{}])[0]
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    return JSONResponse(protocol.error_json(422, f"{where}: {first.get('msg', 'invalid request')}"), status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, e: Exception):
+    return _error(e if isinstance(e, RuntimeError) else RuntimeError(f"internal error ({type(e).__name__})"))
 
 
 
@@ -180,18 +204,28 @@ class Emu3Service:
         return [protocol.image_item(job, i, event["result"], r, self.model) for i, r in enumerate(event["rows"])]
 
     async def _image_stream(self, job: Job, events):
-        """SSE: image_generation.rows per completed grid row (in order), image_generation.partial_image with a
-        preview every preview_every rows, then image_generation.completed per image, then [DONE]."""
+        """SSE: image_generation.rows per completed grid row (in order); image_generation.partial_image with a
+        preview (partial_images of them, or one every preview_every rows), numbered per image by
+        partial_image_index; then image_generation.completed per image, then [DONE]. The partial and completed
+        events carry the fields of OpenAI's image streaming events."""
+        partials = [0] * job.rows
         try:
             async for event in events:
                 if event["type"] == "rows":
-                    rows = {"image_index": event["index"], "rows_done": event["rows_done"], "rows": event["rows"]}
+                    i = event["index"]
+                    rows = {"image_index": i, "rows_done": event["rows_done"], "rows": event["rows"]}
                     yield sse({"type": "image_generation.rows", **rows})
                     if "b64_json" in event:
-                        yield sse({"type": "image_generation.partial_image", **rows, "b64_json": event["b64_json"]})
+                        preview = protocol.image_event("partial_image", i, event["size"], event["b64_json"],
+                                                       partial_image_index=partials[i], **rows)
+                        partials[i] += 1
+                        yield sse(preview)
                 elif event["type"] == "result":
-                    for i, item in enumerate(await asyncio.to_thread(self._image_items, job, event)):
-                        yield sse({"type": "image_generation.completed", "image_index": i, **item})
+                    items = await asyncio.to_thread(self._image_items, job, event)
+                    for i, (item, r) in enumerate(zip(items, event["rows"])):
+                        rest = {k: v for k, v in item.items() if k not in ("b64_json", "size")}
+                        yield sse(protocol.image_event("completed", i, item["size"], item["b64_json"],
+                                                       usage=protocol.image_usage(event["result"], r), **rest))
                 elif event["type"] == "error":
                     yield sse(protocol.error_body(event["error"]))
             yield SSE_DONE

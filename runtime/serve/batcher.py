@@ -59,10 +59,13 @@ def _start(model, jobs: list[Job]):
     if jobs[0].task == "image":
         return model.start_image(prompts, ratio=per_row["ratio"], image_area=per_row["image_area"], seed=seeds,
                                  **jobs[0].options)
-    images = per_row["images"]
-    # start_chat takes one prompt's images flat, a batch's as one list per prompt
-    images = images[0] if len(prompts) == 1 else (images if any(images) else None)
-    return model.start_chat(prompts, images, seed=seeds, **jobs[0].options)
+    images, history = per_row["images"], per_row["history"]
+    # start_chat takes one prompt's images and history flat, a batch's as one list per prompt
+    if len(prompts) == 1:
+        images, history = images[0], history[0]
+    elif not any(images):
+        images = None
+    return model.start_chat(prompts, images, seed=seeds, history=history, **jobs[0].options)
 
 
 @dataclass(eq=False)
@@ -119,7 +122,7 @@ def start_runs(model, jobs: list[Job], stats: Stats) -> tuple[list[_Run], dict[J
 
 def advance(run: _Run, stats: Stats) -> list[list[dict]]:
     """One decode step of the run's generation (blocking: call it in a thread) -> per job, its events: image
-    rows done (with a preview PNG every job.preview_every rows) or text deltas, for streaming jobs; a "result"
+    rows done (with a preview PNG where job.preview_at says) or text deltas, for streaming jobs; a "result"
     event ({"result", "rows"}) for every job once the generation has finished."""
     gen = run.gen
     ids = gen.step()    # one run of the step graph for every row (the first one prefills)
@@ -139,8 +142,10 @@ def advance(run: _Run, stats: Stats) -> list[list[dict]]:
                     continue
                 run.shown[r], height = done[r], gen.grids[r][0]
                 event = {"type": "rows", "index": i, "rows_done": done[r], "rows": height}
-                if job.preview_every and (done[r] % job.preview_every == 0 or done[r] == height):
-                    event["b64_json"] = png_base64(gen.preview(r), {"emu3_rt_preview": "1"})
+                if job.preview_at(done[r], height):
+                    preview = gen.preview(r)
+                    event["b64_json"] = png_base64(preview, {"emu3_rt_preview": "1"})
+                    event["size"] = f"{preview.width}x{preview.height}"
                 events[k].append(event)
     if run.finished:
         result = gen.result()

@@ -34,15 +34,28 @@ class ServiceError(RuntimeError):
 
 
 def data_uri(image: Image.Image | str | os.PathLike) -> str:
-    """A PIL image or an image file -> a data: URI (PNG for PIL images, the file's own bytes otherwise)."""
+    """A PIL image or an image file -> a data: URI: PNG for PIL images; a file's own bytes, labelled with the
+    media type of the format Pillow finds in them (not the file name's), or ValueError if it finds none."""
     if isinstance(image, Image.Image):
         out = io.BytesIO()
         image.save(out, format="PNG")
         data, mime = out.getvalue(), "image/png"
     else:
         with open(image, "rb") as f:
-            data, mime = f.read(), "image/*"
+            data = f.read()
+        mime = _media_type(data, os.fsdecode(image))
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _media_type(data: bytes, name: str) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as im:   # reads the header only
+            fmt = im.format
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: not an image Pillow can read ({str(e).splitlines()[0] if str(e) else e!r})") \
+            from None
+    # an MPO is a camera JPEG with extra frames: a JPEG to every server
+    return "image/jpeg" if fmt == "MPO" else Image.MIME.get(fmt, f"image/{fmt.lower()}")
 
 
 def decode_png(b64: str) -> Image.Image:

@@ -2,7 +2,7 @@
 (batcher.py), and the response bodies and SSE frames built from their results. No Ray here.
 
     POST /v1/images/generations  {"prompt", "n", "size": "WxH" | "ratio" + "image_area", "seed", ...} -> PNGs
-    POST /v1/chat/completions    {"messages": [system?, user], "max_tokens", "temperature", "seed", ...}
+    POST /v1/chat/completions    {"messages": [system?, user, assistant, ..., user], "max_tokens", "seed", ...}
 
 Checks name the JSON field in one line; numbers go through emu3_rt's own checks (argcheck, SamplingOptions), so
 a bad value gets the library's message. Every error becomes {"error": {"message", "type", "code"}}.
@@ -51,6 +51,7 @@ class Job:
     options: dict                   # start_* keyword arguments shared by every row of a generation (hashable)
     stream: bool = False
     preview_every: int = 0          # image streams: a partial PNG every this many grid rows (0: none)
+    partial_images: int = 0         # image streams: this many partial PNGs, evenly spaced (OpenAI's partial_images)
     include_usage: bool = False     # chat streams: a last chunk with token counts
     created: int = field(default_factory=lambda: int(time.time()))
     gone: bool = False              # the client left: its rows are not wanted any more
@@ -62,6 +63,15 @@ class Job:
     @property
     def key(self) -> tuple:
         return (self.task, tuple(sorted(self.options.items())))
+
+    def preview_at(self, rows_done: int, height: int) -> bool:
+        """Whether the stream gets a partial image once rows_done of an image's height grid rows are done:
+        with partial_images, at evenly spaced rows before the last (fewer on short grids: the final image is the
+        completed event), as OpenAI sends them; with preview_every, every that many rows and at the last one."""
+        if self.partial_images:
+            n = self.partial_images
+            return rows_done < height and rows_done in {-(-height * k // (n + 1)) for k in range(1, n + 1)}
+        return bool(self.preview_every) and (rows_done % self.preview_every == 0 or rows_done == height)
 
 
 def model_id(model) -> str:
@@ -97,11 +107,24 @@ def _seeds(body: dict, rows: int, greedy: bool) -> list[int] | None:
     return [(seed + i) % 2**32 for i in range(rows)]
 
 
+def _sampling(b: dict, model) -> emu3_rt.SamplingOptions:
+    """The body's sampling fields: OpenAI's range for temperature, [0, 2], where 0 is greedy decoding (read so by
+    SamplingOptions.from_bundle, as the CLI's --temperature 0); then emu3_rt's checks (top_k >= 1, top_p in (0, 1])."""
+    t = b.get("temperature")
+    if t is not None and not 0 <= as_real("temperature", t) <= 2:
+        raise RequestError(f"temperature must be in [0, 2] (0: greedy decoding), got {t!r:.40}")
+    sampling = emu3_rt.SamplingOptions.from_bundle(model.bundle, temperature=t, top_k=b.get("top_k"),
+                                                   top_p=b.get("top_p"))
+    sampling.validate()
+    return sampling
+
+
 # ---- images ----
 
 IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "ratio", "image_area", "seed", "negative_prompt",
                           "cfg_scale", "top_k", "temperature", "top_p", "response_format", "stream",
-                          "preview_every", "user"})
+                          "partial_images", "preview_every", "output_format", "user"})
+MAX_PARTIAL_IMAGES = 3   # OpenAI's bound
 
 
 def image_job(body, model, max_rows: int) -> Job:
@@ -117,14 +140,22 @@ def image_job(body, model, max_rows: int) -> Job:
     if b.get("response_format", "b64_json") != "b64_json":
         raise RequestError(f"response_format must be 'b64_json' (images come back in the response; this service "
                            f"hosts no URLs), got {b['response_format']!r:.40}")
+    if b.get("output_format", "png") != "png":
+        raise RequestError(f"output_format must be 'png' (the PNG carries the generation's metadata), got "
+                           f"{b['output_format']!r:.40}")
+    stream = as_flag("stream", b.get("stream", False))
+    partial = as_int("partial_images", b.get("partial_images", 0), 0, MAX_PARTIAL_IMAGES)
+    every = as_int("preview_every", b.get("preview_every", 0), 0)
+    if (partial or every) and not stream:
+        raise RequestError("partial_images and preview_every need stream: true")
+    if partial and every:
+        raise RequestError("give partial_images or preview_every, not both")
     ratio, area = as_text("ratio", b.get("ratio")), b.get("image_area")
     if b.get("size") not in (None, "auto"):
         if ratio is not None or area is not None:
             raise RequestError("give size, or ratio and image_area, not both")
         ratio, area = _size(b["size"])
-    sampling = emu3_rt.SamplingOptions.from_bundle(model.bundle, top_k=b.get("top_k"),
-                                                   temperature=b.get("temperature"), top_p=b.get("top_p"))
-    sampling.validate()
+    sampling = _sampling(b, model)
     cfg = b.get("cfg_scale")
     options = dict(negative_prompt=as_text("negative_prompt", b.get("negative_prompt")),
                    cfg_scale=as_real("cfg_scale", s["cfg_scale"] if cfg is None else cfg),
@@ -132,9 +163,8 @@ def image_job(body, model, max_rows: int) -> Job:
     # ratio and area go per row: requests of different sizes share one generation (each row keeps its grid)
     area = as_int("image_area", s["image_area"] if area is None else area, 1)
     per_row = {"ratio": [ratio or s["ratio"]] * n, "image_area": [area] * n}
-    return Job("image", [prompt] * n, _seeds(b, n, sampling.greedy), per_row, options,
-               stream=as_flag("stream", b.get("stream", False)),
-               preview_every=as_int("preview_every", b.get("preview_every", 0), 0))
+    return Job("image", [prompt] * n, _seeds(b, n, sampling.greedy), per_row, options, stream=stream,
+               preview_every=every, partial_images=partial)
 
 
 def _size(size) -> tuple[str, int]:
@@ -169,6 +199,21 @@ def image_item(job: Job, i: int, result, row: int, model) -> dict:
             "size": f"{image.width}x{image.height}", "grid": list(result.grids[row])}
 
 
+def image_usage(result, row: int) -> dict:
+    """OpenAI's image usage: the prompt's tokens in, the image's tokens (grid rows with their EOLs, EOF, EOI, EOS)
+    out."""
+    prompt, out = len(result.prompt_ids[row]), len(result.tokens[row])
+    return {"input_tokens": prompt, "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+            "output_tokens": out, "total_tokens": prompt + out}
+
+
+def image_event(kind_: str, i: int, size: str, b64: str, **extra) -> dict:
+    """One event of an image stream, with the fields of OpenAI's image_generation.partial_image / .completed
+    (which the openai package's ImageGenStreamEvent reads), plus image_index: which of the request's n images."""
+    return {"type": f"image_generation.{kind_}", "image_index": i, "b64_json": b64, "created_at": int(time.time()),
+            "output_format": "png", "size": size, "quality": "auto", "background": "opaque", **extra}
+
+
 def image_response(job: Job, items: list[dict], model) -> dict:
     return {"created": job.created, "model": model_id(model), "output_format": "png", "data": items,
             "seeds": job.seeds}
@@ -181,56 +226,60 @@ CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_toke
 
 
 def chat_job(body, model, max_rows: int) -> Job:
-    """POST /v1/chat/completions body -> Job (images decoded here: call it off the event loop). One user message,
-    after optional system messages; its images are data: URIs. temperature 0 means greedy, as OpenAI's API."""
+    """POST /v1/chat/completions body -> Job (images decoded here: call it off the event loop). Optional system
+    messages, then the conversation (user and assistant turns, rendered by the bundle's chat template), ending
+    with the user message the model answers; images are data: URIs in user messages."""
     b = _body(body, CHAT_FIELDS, model)
     if "messages" not in b:
         raise RequestError("missing field 'messages'")
-    system, text, images = _messages(b["messages"])
+    system, text, images, history = _messages(b["messages"])
     n = as_int("n", b.get("n", 1), 1, max_rows)
     max_new = b.get("max_completion_tokens", b.get("max_tokens"))
     max_new = model.bundle.search["max_new_tokens"] if max_new is None else as_int("max_tokens", max_new, 1)
-    temperature = b.get("temperature")
-    greedy = temperature is not None and as_real("temperature", temperature) == 0
-    sampling = emu3_rt.SamplingOptions.from_bundle(
-        model.bundle, greedy=greedy or None, temperature=None if greedy else temperature, top_p=b.get("top_p"),
-        top_k=b.get("top_k"))
-    sampling.validate()
+    sampling = _sampling(b, model)
     stream = as_flag("stream", b.get("stream", False))
     usage = b.get("stream_options") or {}
     if not isinstance(usage, dict) or set(usage) - {"include_usage"} or (usage and not stream):
         raise RequestError("stream_options must be {\"include_usage\": true|false}, and only with stream: true")
-    return Job("chat", [text] * n, _seeds(b, n, sampling.greedy), {"images": [images] * n},
+    return Job("chat", [text] * n, _seeds(b, n, sampling.greedy), {"images": [images] * n, "history": [history] * n},
                dict(system=system, max_new_tokens=max_new, sampling=sampling), stream=stream,
                include_usage=as_flag("stream_options.include_usage", usage.get("include_usage", False)))
 
 
-def _messages(messages) -> tuple[str | None, str, list[Image.Image]]:
-    """[system..., user] -> (system text or None, user text, user images). The model answers one user turn."""
+def _messages(messages) -> tuple[str | None, str, list[Image.Image], tuple[emu3_rt.Turn, ...]]:
+    """[system..., (user | assistant)..., user] -> (system text or None, the last user message's text, every
+    image of the conversation in message order, the earlier turns as emu3_rt.Turn)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty array")
-    system, user = [], None
+    system, turns, images = [], [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"{where} must be an object with a role")
         role = m["role"]
-        if role in ("system", "developer") and user is None:
-            system.append(_text_only(m.get("content"), where))
-        elif role == "user" and user is None:
-            user = _user_content(m.get("content"), where)
+        if role in ("system", "developer"):
+            if turns:
+                raise RequestError(f"{where}: a {role} message must come before the conversation's first turn")
+            system.append(_text_only(m.get("content"), where, role))
+        elif role == "user":
+            text, ims = _user_content(m.get("content"), where)
+            turns.append(emu3_rt.Turn("user", text, len(ims)))
+            images += ims
+        elif role == "assistant":
+            turns.append(emu3_rt.Turn("assistant", _text_only(m.get("content"), where, role)))
         else:
-            raise RequestError(f"{where}: got role {role!r:.20} here, but this service answers one user message "
-                               f"after optional system messages (multi-turn conversations are not supported)")
-    if user is None:
-        raise RequestError("messages hold no user message")
-    return ("\n".join(system) if system else None), user[0], user[1]
+            raise RequestError(f"{where}: role {role!r:.20} is not supported (system, developer, user, assistant)")
+    if not turns or turns[-1].role != "user":
+        raise RequestError("the last message must be a user message: the model answers it")
+    return ("\n".join(system) if system else None), turns[-1].text, images, tuple(turns[:-1])
 
 
-def _text_only(content, where: str) -> str:
+def _text_only(content, where: str, role: str) -> str:
+    if content is None:
+        raise RequestError(f"{where}: a {role} message needs text content (tool calls are not supported)")
     text, images = _user_content(content, where)
     if images:
-        raise RequestError(f"{where}: a system message cannot hold images")
+        raise RequestError(f"{where}: only user messages can hold images, not {role} messages")
     return text
 
 
@@ -255,18 +304,33 @@ def _user_content(content, where: str) -> tuple[str, list[Image.Image]]:
     return "\n".join(texts), images
 
 
+# the raster formats a chat image may come in: data: URI media type -> what Pillow must find in the bytes (an MPO
+# is a camera JPEG with extra frames; Pillow names it apart)
+IMAGE_TYPES = {"image/png": {"PNG"}, "image/jpeg": {"JPEG", "MPO"}, "image/jpg": {"JPEG", "MPO"},
+               "image/webp": {"WEBP"}, "image/gif": {"GIF"}, "image/bmp": {"BMP"}, "image/tiff": {"TIFF"}}
+
+
 def _data_uri_image(url, where: str) -> Image.Image:
-    """data:image/...;base64,... -> a decoded PIL image (emu3_rt.load_image: size bound, bomb guard)."""
-    m = re.fullmatch(r"data:([\w.+/-]*)((?:;[\w.+=-]+)*);base64,(.*)", url or "", re.DOTALL) \
+    """data:image/...;base64,... -> a decoded PIL image (emu3_rt.load_image: size bound, bomb guard). The media
+    type must be one of IMAGE_TYPES; the bytes decide how they are decoded, and must be one of those formats."""
+    m = re.fullmatch(r"data:([^;,]*)((?:;[\w.+=-]+)*);base64,(.*)", url or "", re.DOTALL) \
         if isinstance(url, str) else None
     if not m:
         raise RequestError(f"{where}: image_url must be a data: URI with base64 content (the server fetches no "
                            f"URLs), got {str(url)[:40]!r}")
+    media = m.group(1).strip().lower()
+    if media not in IMAGE_TYPES:
+        raise RequestError(f"{where}: unsupported image type {media or 'none'!r:.40} in the data: URI; accepted: "
+                           f"{', '.join(t for t in IMAGE_TYPES if t != 'image/jpg')}")
     try:
         data = base64.b64decode(m.group(3), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{where}: the data: URI is not valid base64") from None
-    return emu3_rt.load_image(data)
+    image = emu3_rt.load_image(data)
+    if image.format not in {f for formats in IMAGE_TYPES.values() for f in formats}:
+        raise RequestError(f"{where}: the data: URI holds a {image.format} image; accepted: "
+                           f"{', '.join(t for t in IMAGE_TYPES if t != 'image/jpg')}")
+    return image
 
 
 def chat_id() -> str:
@@ -316,6 +380,11 @@ def error_status(e: BaseException) -> int:
 
 def error_body(e: BaseException) -> dict:
     status, text = error_status(e), str(e).strip().splitlines()
-    return {"error": {"message": text[0] if text else type(e).__name__, "param": None,
-                      "type": {400: "invalid_request_error", 404: "invalid_request_error"}.get(status, "server_error"),
-                      "code": {404: "model_not_found"}.get(status, type(e).__name__)}}
+    return error_json(status, text[0] if text else type(e).__name__,
+                      {404: "model_not_found"}.get(status, type(e).__name__))
+
+
+def error_json(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    kind_ = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "param": None, "type": kind_, "code": code or str(status)}}
