@@ -43,7 +43,7 @@ from .generation import ChatGeneration, ChatResult, GenerationError, ImageGenera
 from .graph_sampler import GraphSampler
 from .kv_cache import new_state
 from .options import SamplingOptions, sampling_options, seeded
-from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, make_batch
+from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, largest_image_area, make_batch
 from .sampling import ChainPicker, VisualGridConstraint, build_chain, guided
 
 # The embedded tiny bundle: models/emu3-tiny in a checkout, emu3_rt/models/emu3-tiny in an installed wheel.
@@ -275,7 +275,7 @@ class Emu3:
         if min(w for _, w in grids) < 3:
             # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
             raise PromptError(f"a {grids[0][0]}x{min(w for _, w in grids)} grid is too narrow: Emu3's layout "
-                              f"needs at least 3 tokens per row (raise --image-area or change --ratio)")
+                              f"needs at least 3 tokens per row (a larger image_area, or another ratio)")
         use_cfg = guided(cfg)
         if negative_prompt is not None and not use_cfg:
             # without guidance the negative prompt would be silently ignored
@@ -285,10 +285,9 @@ class Emu3:
         encode = lambda text, h, w: self.prompts.encode_image_prompt(text, h, w, allow_special_tokens)  # noqa: E731
         cond = [encode(p, h, w) for p, (h, w) in zip(prompts, grids)]
         uncond = [encode(negative, h, w) for h, w in grids] if use_cfg else None
-        need = max(len(c) + h * (w + 1) + 3 for c, (h, w) in zip(cond + (uncond or []), grids * 2))
-        if need > self.bundle.context_length:
-            raise PromptError(f"prompt plus a {grids[0][0]}x{grids[0][1]} image needs {need} positions; the "
-                              f"model's context is {self.bundle.context_length} (lower --image-area)")
+        needs = [len(c) + h * (w + 1) + 3 for c, (h, w) in zip(cond + (uncond or []), grids * 2)]
+        if max(needs) > self.bundle.context_length:
+            raise self._too_large(needs, [len(c) for c in cond + (uncond or [])], ratios * 2, areas * 2, grids * 2)
         n_new = max(h * (w + 1) + 3 for h, w in grids)
         t, route = self.bundle.tokens, self.route("image")
         col = lambda ids: self._column(route, ids)  # noqa: E731 - token id -> logits column of the image route
@@ -300,6 +299,17 @@ class Emu3:
         decoding = self._decoding(route, make_batch(cond, uncond, self.bundle.tokens.pad), pick, n_new,
                                   2 if use_cfg else 1, grid)
         return ImageGeneration(self, decoding, cond, grids, seed, seeds, negative, cfg)
+
+    def _too_large(self, needs, lengths, ratios, areas, grids) -> PromptError:
+        """The context error of the row that needs the most positions, in pixels: what it asked for, and the
+        largest image area at its ratio that fits beside its prompt."""
+        k, context, sf = int(np.argmax(needs)), self.bundle.context_length, self.bundle.spatial_factor
+        (h, w), ratio = grids[k], ratios[k]
+        fits, (fh, fw) = largest_image_area(ratio, context - lengths[k], sf, areas[k])
+        room = (f"at ratio {ratio} an image_area of at most {fits} pixels fits ({fw * sf}x{fh * sf} pixels)"
+                if fits and fw >= 3 else "the prompt leaves no room for an image at this ratio")
+        return PromptError(f"prompt plus a {w * sf}x{h * sf}-pixel image ({h}x{w} tokens) needs {needs[k]} "
+                           f"positions; the model's context is {context}: {room}")
 
     def generate_image(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
                        cfg_scale: float | None = None, ratio: str | Sequence[str] | None = None,

@@ -71,6 +71,24 @@ def calculate_generate_size(ratio: str, image_area: int, spatial_factor: int) ->
     return h, w
 
 
+def largest_image_area(ratio: str, room: int, spatial_factor: int, upto: int) -> tuple[int, tuple[int, int]]:
+    """The largest image area (pixels, at most `upto`) at `ratio` whose token grid fits in `room` positions (an
+    h x w grid takes h*(w+1)+3: rows with their EOL, then EOF, EOI, EOS), with that grid; (0, (0, 0)) if none."""
+    def fits(area: int) -> bool:
+        h, w = calculate_generate_size(ratio, area, spatial_factor)
+        return h * (w + 1) + 3 <= room
+
+    lo, hi = 0, upto            # the grid only grows with the area: bisect on it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            ok = fits(mid)
+        except PromptError:     # an empty grid: smaller than one token
+            ok = False
+        lo, hi = (mid, hi) if ok else (lo, mid - 1)
+    return (lo, calculate_generate_size(ratio, lo, spatial_factor)) if lo else (0, (0, 0))
+
+
 # ---- batches ----
 
 @dataclass(frozen=True)

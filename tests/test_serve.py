@@ -11,8 +11,11 @@ import base64
 import contextlib
 import http.client
 import io
+import ipaddress
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,14 +336,29 @@ def test_a_bad_request_fails_alone_and_the_rest_still_batch(service, direct):
     ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model 'dall-e-3' not found"),
     ("/v1/images/generations", b"{not json", 400, "the request body is not valid JSON"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
-                                           {"role": "assistant", "content": "yo"}]}, 400, "multi-turn"),
+                                           {"role": "assistant", "content": "yo"}]}, 400,
+     "the last message must be a user message"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},
+                                           {"role": "user", "content": "yo"}]}, 400, "must come before"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "role 'tool' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/svg+xml;base64,PHN2Zy8+"}}]}]}, 400,
+     "unsupported image type 'image/svg+xml'"),
+    ("/v1/images/generations", {"prompt": "x", "size": "720x720"}, 400,
+     lambda m: str(_raises(lambda: m.generate_image("x", ratio="720:720", image_area=720 * 720)))),
+    ("/v1/images/generations", {"prompt": "x", "partial_images": 4, "stream": True}, 400,
+     "partial_images must be in [0, 3], got 4"),
+    ("/v1/images/generations", {"prompt": "x", "partial_images": 1}, 400, "need stream: true"),
+    ("/v1/images/generations", {"prompt": "x", "temperature": 2.5}, 400, "temperature must be in [0, 2]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "data: URI"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]}, 400,
      lambda m: str(_raises(lambda: emu3_rt.load_image(b"not an image")))),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
-     lambda m: str(_raises(lambda: m.chat("hi", sampling=SamplingOptions(temperature=-1))))),
+     "temperature must be in [0, 2] (0: greedy decoding), got -1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400,
+     lambda m: str(_raises(lambda: m.chat("hi", sampling=SamplingOptions(top_p=0))))),
 ])
 def test_bad_requests_get_the_runtime_message(service, direct, path, body, status, message):
     code, _, raw = post(service + path, body)
@@ -376,8 +394,8 @@ def test_chat_stream_deltas_add_up_to_the_answer(service):
 
 
 def test_image_stream_reports_rows_in_order_then_the_images(service):
-    body = image_body("a lighthouse", 31, n=2, size="90x45", preview_every=3)
-    events = list(Client(service).stream_image(**body))
+    body = image_body("a lighthouse", 31, n=2, size="90x45")
+    events = list(Client(service).stream_image(**body, preview_every=3))
     whole = json.loads(post(f"{service}/v1/images/generations", body)[2])
     for i in range(2):
         rows = [e["rows_done"] for e in events if e["type"] == "image_generation.rows" and e["image_index"] == i]
@@ -408,6 +426,111 @@ def test_the_official_openai_client_works_unchanged(service, direct):
     stream = client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=16, seed=42,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+@pytest.fixture(scope="module")
+def openai_client(service):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
+           "TIFF": "image/tiff"}
+
+
+def test_the_client_sends_image_files_the_server_reads(service, direct, tmp_path):
+    """Real files in every raster format the service takes, named without their extension: data_uri labels them
+    from their bytes, and the answer is the direct API's for the same file."""
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    client = Client(service)
+    for i, (fmt, mime) in enumerate(FORMATS.items()):
+        path = tmp_path / f"picture{i}"
+        photo.save(path, format=fmt)
+        assert data_uri(path).startswith(f"data:{mime};base64,")
+        got = client.chat("Describe.", images=[path], seed=i, max_tokens=6)
+        assert got == direct.chat("Describe.", images=[path], seed=i, max_new_tokens=6).texts[0], fmt
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt: not an image Pillow can read"):
+        data_uri(tmp_path / "notes.txt")
+    # a format Pillow reads but the service does not take, whatever the label says
+    photo.save(tmp_path / "x.ppm")
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "x.ppm").read_bytes()).decode()
+    with pytest.raises(ServiceError, match="holds a PPM image; accepted: image/png, image/jpeg") as e:
+        client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert e.value.status == 400
+
+
+def test_openai_multi_turn_chat_goes_through_the_chat_template(openai_client, direct):
+    import openai
+
+    photo = Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                             {"type": "image_url", "image_url": {"url": data_uri(photo)}}]},
+                {"role": "assistant", "content": "A small picture."},
+                {"role": "user", "content": "What colors?"}]
+    history = [emu3_rt.Turn("user", "Describe it.", images=1), emu3_rt.Turn("assistant", "A small picture.")]
+    expected = direct.chat("What colors?", images=[photo], system="Be brief.", history=history, seed=8,
+                           max_new_tokens=12)
+    answer = openai_client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=12, seed=8)
+    assert answer.choices[0].message.content == expected.texts[0]
+    assert answer.usage.prompt_tokens == len(expected.prompt_ids[0])
+    stream = openai_client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=12, seed=8,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.texts[0]
+    # past the context: the library's message, naming the conversation
+    long = [{"role": "user", "content": "a " * 600}, {"role": "assistant", "content": "b " * 600},
+            {"role": "user", "content": "and?"}]
+    with pytest.raises(openai.BadRequestError, match=r"the conversation is \d+ tokens .* drop earlier turns"):
+        openai_client.chat.completions.create(model="emu3-tiny", messages=long, max_tokens=4)
+
+
+def test_openai_temperature_zero_is_greedy_on_both_routes_and_openai_ranges_hold(openai_client, direct):
+    import openai
+
+    greedy = SamplingOptions(greedy=True)
+    answer = openai_client.chat.completions.create(
+        model="emu3-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == direct.chat("hi", sampling=greedy, max_new_tokens=8).texts[0]
+    result = openai_client.images.generate(prompt="a red cat", size="64x64", extra_body={"temperature": 0})
+    alone = direct.generate_image("a red cat", ratio="64:64", image_area=64 * 64, sampling=greedy)
+    assert np.array_equal(pixels(decode_png(result.data[0].b64_json)), pixels(alone.images[0]))
+    with pytest.raises(openai.BadRequestError, match=r"temperature must be in \[0, 2\]"):
+        openai_client.chat.completions.create(model="emu3-tiny", messages=[{"role": "user", "content": "hi"}],
+                                              temperature=2.5)
+
+
+def test_openai_image_stream_sends_partial_images(openai_client):
+    """images.generate(stream=True, partial_images=2): the SDK's events, partial_image_index counted per image,
+    then the completed image, the same as without streaming."""
+    stream = openai_client.images.generate(prompt="a lighthouse", size="90x45", stream=True, partial_images=2,
+                                           extra_body={"seed": 31})
+    events = list(stream)
+    partial = [e for e in events if e.type == "image_generation.partial_image"]
+    (done,) = [e for e in events if e.type == "image_generation.completed"]
+    whole = openai_client.images.generate(prompt="a lighthouse", size="90x45", extra_body={"seed": 31})
+    assert [e.partial_image_index for e in partial] == [0, 1]
+    assert [e.rows_done for e in partial] == [2, 4]   # a 6x11 grid: evenly spaced before the last row
+    assert all(e.output_format == "png" and e.size == "88x48" for e in partial + [done])
+    assert decode_png(partial[0].b64_json).size == (88, 48)
+    assert np.array_equal(pixels(decode_png(done.b64_json)), pixels(decode_png(whole.data[0].b64_json)))
+    assert done.usage.output_tokens == 6 * 12 + 3 and events[-1] is done
+
+
+def test_every_error_has_openais_shape(service, openai_client):
+    import openai
+
+    for method, path, status in [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nowhere", 404),
+                                 ("POST", "/v1/models", 405)]:
+        req = urllib.request.Request(service + path, method=method, data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        body = json.loads(e.value.read())
+        assert e.value.code == status and set(body) == {"error"}, body
+        assert body["error"]["message"].startswith(f"{method} {path}: ") and body["error"]["type"]
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models/dall-e-3: Not Found"):
+        openai_client.models.retrieve("dall-e-3")
 
 
 def test_a_client_that_disconnects_cancels_its_rows(service):
@@ -458,6 +581,29 @@ def test_a_killed_replica_is_restarted_and_a_retry_succeeds(service):
     assert ok and stats(f"{service}/tight")["pid"] != old
 
 
+def test_serve_command_line_joins_a_cluster_and_leaves_its_serve_running(service):
+    """--address: the service deploys into that cluster as its own application, and on SIGTERM deletes only that
+    application: the cluster's Serve and its other applications keep serving."""
+    import ray
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--address", ray.get_runtime_context().gcs_address,
+                             "--app-name", "joined", "--route-prefix", "/joined", "--replica-cpus", "0"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: _healthy_at(f"{service}/joined"), 120, "the joined service to answer")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "emu3-rt serve: stopped" in proc.stderr.read()
+    assert get(f"{service}/healthz")["status"] == "ok" and stats(f"{service}/tight")["pid"]
+    with pytest.raises(urllib.error.HTTPError) as e:   # now the root application's: no such route
+        urllib.request.urlopen(f"{service}/joined/healthz", timeout=30)
+    assert e.value.code == 404
+
+
 def test_shutdown_leaves_no_processes(service):
     import ray
     from ray import serve
@@ -472,15 +618,29 @@ def test_shutdown_leaves_no_processes(service):
 
 
 def test_serve_command_line_starts_serves_and_stops(tmp_path):
+    """A Ray of its own (RAY_ADDRESS is not followed), every Ray process listening on loopback only with --host
+    127.0.0.1, one console line per request, SIGTERM stops it all."""
     pytest.importorskip("ray.serve")
+    openai = pytest.importorskip("openai")
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}   # nothing there: joining it would fail
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(port), "--replica-cpus", "0"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_until(lambda: _healthy(port), 120, "emu3-rt serve to answer /healthz")
-        assert Client(f"http://127.0.0.1:{port}").chat("hi", max_tokens=4, temperature=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.chat.completions.create(model="emu3-tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0).choices[0].message.content is not None
         below = descendants(proc.pid)
+        listening = _listening(below | {proc.pid})
+        # the one socket Ray does not let us place: each Serve replica's inter-deployment gRPC server, which Ray
+        # Serve binds to [::]:0 in its own code (the README says so)
+        wide = [(addr, _cmdline(pid)) for addr, pid in listening if not _loopback(addr)]
+        assert len(listening) > 5 and all(cmd.startswith("ray::ServeReplica") for _, cmd in wide), wide
+        assert f"127.0.0.1:{port}" in [addr for addr, _ in listening]
+        wait_until(lambda: "POST /v1/chat/completions 200" in (tmp_path / "serve.log").read_text(), 30,
+                   "the request's log line on the console")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 128 + signal.SIGTERM
         wait_until(lambda: not any(alive(p) for p in below), 30, "the service's processes to exit")
@@ -488,7 +648,58 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.seek(0)
-    assert "emu3-rt serve: stopped" in log.read()
+    text = log.read()
+    assert "emu3-rt serve: stopped" in text and text.count("POST /v1/chat/completions") == 1, text[-2000:]
+
+
+def test_serve_command_line_stops_at_once_while_connecting(tmp_path):
+    """SIGTERM while ray.init waits on a cluster that does not answer (it retries for most of a minute inside
+    native code): the command stops without waiting for it."""
+    pytest.importorskip("ray.serve")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--address", "127.0.0.1:1"], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Connecting to existing Ray cluster" in log.read_text(), 60, "ray.init to connect")
+        time.sleep(1.0)   # inside the connection attempt
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "emu3-rt serve: stopped while starting (SIGTERM)" in log.read_text()
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(local address, pid) of every listening TCP socket the processes hold (ss -ltnp)."""
+    if not shutil.which("ss"):
+        pytest.skip("needs ss (iproute2)")
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                found.append((fields[3], pid))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    return "?"
+
+
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+    return host != "*" and ipaddress.ip_address(host).is_loopback
+
+
+def _healthy_at(url: str) -> bool:
+    with contextlib.suppress(OSError):
+        return get(f"{url}/healthz")["status"] == "ok"
+    return False
 
 
 def _healthy(port: int) -> bool:

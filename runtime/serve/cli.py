@@ -1,13 +1,17 @@
-"""`emu3-rt serve` (also `python -m runtime.serve`): start Ray on this machine, or join a cluster with --address,
-deploy the service and keep it up until Ctrl-C or SIGTERM, then shut Serve and Ray down.
+"""`emu3-rt serve` (also `python -m runtime.serve`): start a Ray of its own on this machine (never one that
+RAY_ADDRESS or `ray start` point to), or join the cluster --address names; deploy the service and keep it up
+until Ctrl-C or SIGTERM; then stop the Ray it started, or delete only its own application from the cluster.
 
     emu3-rt serve --bundle models/emu3-gen --port 8000 --replicas 2 --replica-gpus 1
 
-Ray is imported only after the arguments are read, so --help and argument errors are immediate.
+Ray is imported only after the arguments are read, so --help and argument errors are immediate. Each request is
+logged on the console as one line (Serve's access log: method, route, status, milliseconds).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -22,8 +26,9 @@ def build_parser():
     ap.add_argument("--engine", choices=("ort", "trt"), default="ort", help="inference engine")
     ap.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="onnxruntime device")
     ap.add_argument("--threads", type=int_in(0), default=0, help="onnxruntime threads per replica (0: its choice)")
-    ap.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (0.0.0.0: every "
-                                                        "interface; the API has no authentication)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address the HTTP proxy listens on, and with a Ray of its own, Ray's processes too where "
+                         "Ray allows it (see the README; 0.0.0.0: every interface; the API has no authentication)")
     ap.add_argument("--port", type=int_in(1, 65535), default=8000, help="HTTP port")
     ap.add_argument("--replicas", type=int_in(1), default=1, help="replicas, each loading the bundle once")
     ap.add_argument("--replica-cpus", type=number, default=1.0, help="CPUs Ray reserves per replica")
@@ -39,7 +44,10 @@ def build_parser():
     ap.add_argument("--max-queued-requests", type=int_in(1), default=64,
                     help="requests waiting for a replica; beyond this the answer is 503 with Retry-After")
     ap.add_argument("--address", default=None,
-                    help="an existing Ray cluster to join (e.g. auto, or HEAD:6379); default: a local Ray")
+                    help="the Ray cluster to join (HEAD:6379, or auto: the one `ray start` or RAY_ADDRESS names); "
+                         "default: a new local Ray, stopped on exit")
+    ap.add_argument("--app-name", default="emu3", help="the Serve application's name (deleted on exit)")
+    ap.add_argument("--route-prefix", default="/", help="the URL prefix of the service's routes")
     return ap
 
 
@@ -49,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:
         return int(e.code or 0)
+    own = args.address is None
     try:
+        ray_options = _ray_options(args.host) if own else {}   # before Ray is imported: it reads the environment
         from emu3_rt import load_bundle
         from emu3_rt.pipeline import DEFAULT_BUNDLE
 
@@ -66,19 +76,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emu3-rt serve: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    caught: list[int] = []
+    stop, caught, serving, handled = threading.Event(), [], threading.Event(), threading.Event()
 
     def on_signal(signum, frame):
-        caught.append(signum)
+        handled.set()
+        if signum not in caught:
+            caught.append(signum)
         stop.set()
+        if not serving.is_set():   # still starting: skip the rest of the start-up
+            raise _Stopped()
 
-    previous = {}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    _watch_start_up(serving, handled, caught)
+    deployed = False
     try:
-        ray.init(address=args.address, include_dashboard=False if args.address is None else None,
-                 log_to_driver=False)
-        # after ray.init, which installs its own fatal-signal handler for SIGTERM: ours shuts down cleanly
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # address "local": a new Ray of our own even when RAY_ADDRESS is set or `ray start` ran on this machine
+        ray.init(address="local" if own else args.address, include_dashboard=False if own else None,
+                 log_to_driver=True, **ray_options)
+        # ray.init installs its own SIGTERM handler (sys.exit): ours shuts down cleanly
+        for s in previous:
+            signal.signal(s, on_signal)
+        if not own and args.app_name in serve.status().applications:
+            raise RuntimeError(f"the cluster already runs a Serve application named {args.app_name!r}; pick another "
+                               f"with --app-name (and --route-prefix)")
         serve.start(http_options={"host": args.host, "port": args.port})
         app = Emu3Service.options(
             num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
@@ -86,22 +106,83 @@ def main(argv: list[str] | None = None) -> int:
             ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         ).bind(bundle=args.bundle, engine=args.engine, device=args.device, threads=args.threads,
                max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait, batching=not args.no_batching)
-        serve.run(app, name="emu3", route_prefix="/")
-        print(f"emu3-rt serve: http://{args.host}:{args.port} ({args.replicas} replica(s)); Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        deployed = True
+        serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
+        serving.set()
+        where = "a local Ray of its own" if own else f"the Ray cluster at {args.address}"
+        print(f"emu3-rt serve: http://{args.host}:{args.port}{args.route_prefix.rstrip('/')} ({args.replicas} "
+              f"replica(s), on {where}); Ctrl-C stops", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
+    except (_Stopped, SystemExit):   # SystemExit: ray.init's own SIGTERM handler, while it ran
+        if not caught:
+            raise
     except Exception as e:  # noqa: BLE001
         print(f"emu3-rt serve: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        handled.set()
+        serving.set()   # a second signal during the shutdown below only sets `stop` again
+        try:
+            if ray.is_initialized():
+                if own:
+                    serve.shutdown()
+                elif deployed:   # someone else's cluster: remove our application only, never their Serve
+                    serve.delete(args.app_name)
+                ray.shutdown()   # stops the Ray we started; only disconnects from a cluster we joined
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     print("emu3-rt serve: stopped", file=sys.stderr)
     return 128 + caught[0] if caught else 0
+
+
+def _watch_start_up(serving: threading.Event, handled: threading.Event, caught: list[int],
+                    grace_s: float = 3.0) -> None:
+    """Ctrl-C or SIGTERM while Ray is still starting or connecting: Python runs signal handlers only between
+    bytecodes, and ray.init can sit in native code for most of a minute (a GCS that does not answer). The C-level
+    handler writes the signal to a pipe at once (signal.set_wakeup_fd); this thread reads it, and if the main
+    thread has not taken the signal within grace_s, exits the process there (nothing of ours to clean up: a Ray
+    of our own is up in seconds, so a long wait is a connection to someone else's cluster)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch():
+        while not serving.is_set():
+            signums = os.read(r, 64)
+            if serving.is_set() or handled.wait(grace_s):
+                continue
+            caught.extend(x for x in signums if x not in caught)
+            print(f"emu3-rt serve: stopped while starting ({signal.Signals(signums[0]).name})", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signums[0])
+
+    threading.Thread(target=watch, name="emu3-serve-signals", daemon=True).start()
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM while starting: skip the rest of the start-up, shut down what was started."""
+
+
+def _ray_options(host: str) -> dict:
+    """ray.init's options (and environment) for a Ray of our own whose processes listen on `host` where Ray
+    allows it. Loopback: Ray's single-machine mode (the one it runs on macOS and Windows), in which GCS, raylet,
+    workers and agents all bind 127.0.0.1; set before Ray is imported, and inherited by every process it starts.
+    A specific address: Ray's node address, which its agents bind (GCS, raylet and workers still listen on every
+    interface: Ray has no option for them). 0.0.0.0 or ::: Ray's defaults."""
+    try:
+        ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        raise ValueError(f"--host must be localhost or an IP address (127.0.0.1, 0.0.0.0, or one of this "
+                         f"machine's), got {host!r:.60}") \
+            from None
+    if ip.is_loopback:
+        if "ray" in sys.modules:
+            raise ValueError("Ray was imported before emu3-rt serve could keep it on loopback; start it afresh")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return {}
+    return {} if ip.is_unspecified else {"_node_ip_address": host}
 
 
 if __name__ == "__main__":
