@@ -33,7 +33,7 @@ from PIL import Image
 import emu3_rt
 from emu3_rt import SamplingOptions
 from runtime.serve.batcher import Stats, drive
-from runtime.serve.client import Client, ServiceError, data_uri, decode_png
+from runtime.serve.client import Client, ServiceError, data_uri, decode_png, user_message
 from runtime.serve.protocol import image_job
 
 pytestmark = pytest.mark.serve
@@ -461,7 +461,7 @@ def test_the_client_sends_image_files_the_server_reads(service, direct, tmp_path
     assert e.value.status == 400
 
 
-def test_openai_multi_turn_chat_goes_through_the_chat_template(openai_client, direct):
+def test_openai_multi_turn_chat_goes_through_the_chat_template(service, openai_client, direct):
     import openai
 
     photo = Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 40, 3), dtype=np.uint8))
@@ -479,6 +479,9 @@ def test_openai_multi_turn_chat_goes_through_the_chat_template(openai_client, di
     stream = openai_client.chat.completions.create(model="emu3-tiny", messages=messages, max_tokens=12, seed=8,
                                                    stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.texts[0]
+    ours = Client(service).chat("What colors?", system="Be brief.", seed=8, max_tokens=12, history=[
+        user_message("Describe it.", [photo]), {"role": "assistant", "content": "A small picture."}])
+    assert ours == expected.texts[0]
     # past the context: the library's message, naming the conversation
     long = [{"role": "user", "content": "a " * 600}, {"role": "assistant", "content": "b " * 600},
             {"role": "user", "content": "and?"}]

@@ -3,6 +3,7 @@ OpenAI-shaped HTTP API through FastAPI; concurrent requests are batched by @serv
 
     POST /v1/images/generations   POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /v1/stats
 
+Every error answers OpenAI's {"error": {...}} shape, FastAPI's own 404/405/422 included.
 Requests flow: JSON -> protocol.Job (checked: 400 on a bad field) -> the replica's batch queue (bounded by
 max_ongoing_requests; beyond it Serve queues max_queued_requests, then answers 503 with Retry-After) -> one
 generation per compatible group -> the response, or SSE events with `stream: true`. A client that leaves marks

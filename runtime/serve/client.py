@@ -1,9 +1,11 @@
 """A small client for the emu3-rt service, standard library + Pillow only (any OpenAI client works too).
 
-    from runtime.serve.client import Client
+    from runtime.serve.client import Client, user_message
     c = Client("http://127.0.0.1:8000")
-    images = c.generate_image("a red cat", n=2, size="720x720", seed=7)       # PIL images; .text holds metadata
+    images = c.generate_image("a red cat", n=2, size="240x240", seed=7)       # PIL images; .text holds metadata
     text = c.chat("What is in this picture?", images=[images[0]], max_tokens=64, temperature=0)
+    more = c.chat("And its colors?", history=[user_message("What is in this picture?", [images[0]]),
+                                              {"role": "assistant", "content": text}])
     for delta in c.stream_chat("Tell me a story.", max_tokens=256):
         print(delta, end="")
 
@@ -132,22 +134,24 @@ class Client:
         """image_generation.rows / .partial_image (with preview_every) / .completed events, as dicts."""
         return self.events("/v1/images/generations", {"prompt": prompt, **fields})
 
-    def chat(self, text: str, images=(), system: str | None = None, **fields) -> str:
-        """fields: max_tokens, temperature (0: greedy), top_p, top_k, seed."""
-        return self.post("/v1/chat/completions", _chat_body(text, images, system, fields))["choices"][0][
+    def chat(self, text: str, images=(), system: str | None = None, history=(), **fields) -> str:
+        """The answer to `text` (with its images: PIL images or files). history: the conversation so far, as
+        OpenAI messages ({"role": "user" | "assistant", "content": ...}; user_message() builds one with images).
+        fields: max_tokens, temperature (0: greedy), top_p, top_k, seed."""
+        return self.post("/v1/chat/completions", _chat_body(text, images, system, history, fields))["choices"][0][
             "message"]["content"]
 
-    def stream_chat(self, text: str, images=(), system: str | None = None, **fields) -> Iterator[str]:
+    def stream_chat(self, text: str, images=(), system: str | None = None, history=(), **fields) -> Iterator[str]:
         """The answer's text deltas as they are generated."""
-        for chunk in self.events("/v1/chat/completions", _chat_body(text, images, system, fields)):
+        for chunk in self.events("/v1/chat/completions", _chat_body(text, images, system, history, fields)):
             for choice in chunk["choices"]:
                 if choice["delta"].get("content"):
                     yield choice["delta"]["content"]
 
 
-def _chat_body(text: str, images, system: str | None, fields: dict) -> dict:
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [user_message(text, images)]
-    return {"messages": messages, **fields}
+def _chat_body(text: str, images, system: str | None, history, fields: dict) -> dict:
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return {"messages": messages + list(history) + [user_message(text, images)], **fields}
 
 
 def _service_error(e: urllib.error.HTTPError) -> ServiceError:
