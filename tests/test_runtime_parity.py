@@ -86,6 +86,26 @@ def test_chat_two_images_templated(bundles, checkpoints, capsys, pictures):
     assert got["prompt_ids"] == ids and got["tokens"] == tokens
 
 
+def test_chat_multi_turn_through_the_template(bundles, checkpoints, pictures):
+    """A conversation (system, user with an image, assistant, user with an image) through the Python API's
+    history: the processor's apply_chat_template of the same messages, with the images in message order."""
+    import emu3_rt
+
+    bundle, ck = _setup(bundles, checkpoints, "tiny")
+    images = [Image.open(pictures[0]), Image.open(pictures[1])]
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A striped square."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]}]
+    _, processor = hf.load(ck)
+    ids, tokens = hf.chat(ck, [processor.apply_chat_template(messages, add_generation_prompt=True)], images, 10)
+    got = emu3_rt.load(bundle).chat(
+        "And this one?", images=images, system="Be brief.", max_new_tokens=10,
+        sampling=emu3_rt.SamplingOptions(greedy=True),
+        history=[emu3_rt.Turn("user", "What is this?", images=1), emu3_rt.Turn("assistant", "A striped square.")])
+    assert got.prompt_ids == ids and got.tokens == tokens
+
+
 # plain greedy picks with numpy's argmax on the CPU by default; "graph" runs the sampler graph's greedy branch
 @pytest.mark.parametrize("sampler", ["default", "graph"])
 @pytest.mark.parametrize("raw", [False, True])
