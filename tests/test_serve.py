@@ -234,7 +234,11 @@ def direct():
 @pytest.fixture(scope="module")
 def service():
     """The main app at / (batching, 8 rows) and a tight one at /tight (1 request at a time, 1 queued, no
-    batching) for overload and replica failure. Shut down by the last test, or here."""
+    batching) for overload and replica failure. Shut down by the last test, or here. Ray in its single-machine
+    mode, as `emu3-rt serve` runs it: every Ray port on loopback (when Ray is first imported here)."""
+    loopback = "ray" not in sys.modules and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray, serve = pytest.importorskip("ray"), pytest.importorskip("ray.serve")
     from runtime.serve.app import Emu3Service
 
@@ -252,6 +256,8 @@ def service():
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        if loopback:
+            del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
 
 
 # ---- tests ----
