@@ -538,8 +538,10 @@ def test_every_error_has_openais_shape(service, openai_client):
         body = json.loads(e.value.read())
         assert e.value.code == status and set(body) == {"error"}, body
         assert body["error"]["message"].startswith(f"{method} {path}: ") and body["error"]["type"]
-    with pytest.raises(openai.NotFoundError, match="GET /v1/models/dall-e-3: Not Found"):
+    with pytest.raises(openai.NotFoundError, match="model 'dall-e-3' not found: this service serves 'emu3-tiny'"):
         openai_client.models.retrieve("dall-e-3")
+    assert openai_client.models.retrieve("emu3-tiny").id == "emu3-tiny"
+    assert [m.id for m in openai_client.models.list()] == ["emu3-tiny"]
 
 
 def test_a_client_that_disconnects_cancels_its_rows(service):

@@ -1,7 +1,7 @@
 """The Ray Serve application: one deployment (`Emu3`) that loads a bundle once per replica and serves an
 OpenAI-shaped HTTP API through FastAPI; concurrent requests are batched by @serve.batch (batcher.py).
 
-    POST /v1/images/generations   POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /v1/stats
+    POST /v1/images/generations   POST /v1/chat/completions   GET /v1/models[/{id}]   GET /healthz   GET /v1/stats
 
 Every error answers OpenAI's {"error": {...}} shape, FastAPI's own 404/405/422 included.
 Requests flow: JSON -> protocol.Job (checked: 400 on a bad field) -> the replica's batch queue (bounded by
@@ -168,11 +168,20 @@ class Emu3Service:
 
     @api.get("/v1/models")
     def models(self) -> dict:
+        return {"object": "list", "data": [self._model_entry()]}
+
+    @api.get("/v1/models/{name}")
+    def model_route(self, name: str):
+        if name != protocol.model_id(self.model):
+            return _error(protocol.ModelNotFound(f"model {name!r:.80} not found: this service serves "
+                                                 f"{protocol.model_id(self.model)!r}"))
+        return self._model_entry()
+
+    def _model_entry(self) -> dict:
         bundle = self.model.bundle
-        return {"object": "list", "data": [{
-            "id": protocol.model_id(self.model), "object": "model", "owned_by": "emu3-rt",
-            "created": int(os.stat(bundle.root / "bundle.json").st_mtime), "sha256": bundle.sha256,
-            "context_length": bundle.context_length}]}
+        return {"id": protocol.model_id(self.model), "object": "model", "owned_by": "emu3-rt",
+                "created": int(os.stat(bundle.root / "bundle.json").st_mtime), "sha256": bundle.sha256,
+                "context_length": bundle.context_length}
 
     @api.get("/v1/stats")
     def stats_route(self) -> dict:
