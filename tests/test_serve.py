@@ -505,6 +505,10 @@ def test_openai_temperature_zero_is_greedy_on_both_routes_and_openai_ranges_hold
     result = openai_client.images.generate(prompt="a red cat", size="64x64", extra_body={"temperature": 0})
     alone = direct.generate_image("a red cat", ratio="64:64", image_area=64 * 64, sampling=greedy)
     assert np.array_equal(pixels(decode_png(result.data[0].b64_json)), pixels(alone.images[0]))
+    # a size past the tiny bundle's context: said in pixels, with what fits (no CLI flag)
+    with pytest.raises(openai.BadRequestError, match=r"1024x1024-pixel image .* context is 1024: at ratio 1024:1024 "
+                                                     r"an image_area of at most \d+ pixels fits \(240x240 pixels\)"):
+        openai_client.images.generate(prompt="a red cat", size="1024x1024")
     with pytest.raises(openai.BadRequestError, match=r"temperature must be in \[0, 2\]"):
         openai_client.chat.completions.create(model="emu3-tiny", messages=[{"role": "user", "content": "hi"}],
                                               temperature=2.5)
