@@ -114,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
               f"replica(s), on {where}); Ctrl-C stops", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
-    except (_Stopped, SystemExit):   # SystemExit: ray.init's own SIGTERM handler, while it ran
-        if not caught:
+    except _Stopped:
+        pass
+    except SystemExit as e:   # ray.init's own SIGTERM handler (sys.exit(signum)), if the signal came while it ran
+        if e.code != signal.SIGTERM:
             raise
+        caught.append(signal.SIGTERM)
     except Exception as e:  # noqa: BLE001
         print(f"emu3-rt serve: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -175,8 +178,7 @@ def _ray_options(host: str) -> dict:
         ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
     except ValueError:
         raise ValueError(f"--host must be localhost or an IP address (127.0.0.1, 0.0.0.0, or one of this "
-                         f"machine's), got {host!r:.60}") \
-            from None
+                         f"machine's), got {host!r:.60}") from None
     if ip.is_loopback:
         if "ray" in sys.modules:
             raise ValueError("Ray was imported before emu3-rt serve could keep it on loopback; start it afresh")
