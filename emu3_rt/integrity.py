@@ -218,12 +218,25 @@ def _stamp_path(root: Path) -> Path:
     return cache_dir() / "stamps" / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32] + ".json")
 
 
+def load_cached_json(path: Path, limit: int = 1 << 20):
+    """A per-user cache file's JSON value, or None when it is missing, unreadable, over `limit` or does not parse.
+    A file that does not parse (not JSON, nested too deeply for the parser, an int of 4300+ digits) is deleted:
+    a corrupt cache costs one recomputation, never a failure of every later run."""
+    try:
+        data = read_regular(path, limit)
+    except (BundleError, OSError):
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # ValueError: JSON, UTF-8 or int digits; RecursionError: nesting depth
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+
+
 def _load_stamps(path: Path) -> dict:
     """{file name: stamp}; an unreadable or corrupt cache is an empty one (everything is re-hashed)."""
-    try:
-        stamps = json.loads(read_regular(path, 1 << 20))
-    except (BundleError, OSError, ValueError):
-        return {}
+    stamps = load_cached_json(path)
     return stamps if isinstance(stamps, dict) else {}
 
 

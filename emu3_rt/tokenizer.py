@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from .bundle import Bundle, BundleError
-from .integrity import cache_dir, read_regular, save_cached_json
+from .integrity import cache_dir, load_cached_json, read_regular, save_cached_json
 
 MAX_TOKENIZER = 64 << 20  # Emu3's is about 10 MB
 
@@ -109,12 +109,12 @@ def _verdict_path(bundle: Bundle):
 def _remembered(bundle: Bundle) -> dict | None:
     """The facts stored after this bundle's tokenizer passed the id checks, or None (never checked, unreadable,
     or malformed: then everything is checked again)."""
+    facts = load_cached_json(_verdict_path(bundle))
     try:
-        facts = json.loads(read_regular(_verdict_path(bundle), 1 << 20))
         runs = facts["special_runs"]
         if all(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= bundle.vocab_size for lo, hi in runs):
             return facts
-    except (BundleError, OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError):   # None, not a dict, or runs that are not [lo, hi] pairs
         pass
     return None
 

@@ -428,6 +428,32 @@ def test_corrupt_or_unusable_cache_means_rehash(bundle_copy, monkeypatch, tmp_pa
     assert len(calls) == len(json.loads((bundle_copy / "bundle.json").read_text())["files"])
 
 
+CORRUPT = {"deep-list": "[" * 100_000 + "]" * 100_000, "deep-object": '{"a":' * 50_000 + "1" + "}" * 50_000,
+           "int-digits": "9" * 5000, "not-utf8": b"\xff\xfe{".decode("latin-1")}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPT.values(), ids=CORRUPT.keys())
+@pytest.mark.parametrize("cache", ["stamps", "checked", "ort"])
+def test_a_cache_file_that_does_not_parse_is_discarded(bundle_copy, monkeypatch, tmp_path, cache, corrupt):
+    """Hash stamps, the tokenizer's remembered checks and the optimized-graph entries' stamps: a file the JSON
+    parser refuses (nesting too deep for it included) is an empty cache, replaced by this run, never an error."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("EMU3_RT_CACHE_DIR", str(root))
+    from PIL import Image
+
+    # an image: the VQ encoder's session opens, and with it an optimized-graph entry
+    greedy = dict(images=[Image.new("RGB", (32, 32), (9, 99, 199))], max_new_tokens=3,
+                  sampling=emu3_rt.SamplingOptions(greedy=True))
+    want = emu3_rt.load(bundle_copy).chat("hi", **greedy).tokens
+    files = sorted((root / cache).rglob("stamp.json" if cache == "ort" else "*"))
+    assert files
+    for f in files:
+        f.write_bytes(corrupt.encode("latin-1"))
+    assert emu3_rt.load(bundle_copy).chat("hi", **greedy).tokens == want
+    for f in files:
+        json.loads(f.read_text())   # rewritten by the run that discarded it
+
+
 # ---- tokenizer.json: panics, regexes, ids ----
 
 def _edit_tokenizer(root, fn):

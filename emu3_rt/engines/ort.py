@@ -143,10 +143,10 @@ def _file_stamps(entry: Path) -> dict[str, list[int]]:
 
 def _entry_intact(entry: Path) -> bool:
     """The entry's files are exactly those stamped when it was written, unchanged (a stat each)."""
+    stamps = integrity.load_cached_json(entry / _STAMP, 1 << 16)
     try:
-        stamps = json.loads(integrity.read_regular(entry / _STAMP, 1 << 16))
-        return stamps == _file_stamps(entry) and _GRAPH in stamps
-    except (integrity.BundleError, OSError, ValueError):
+        return isinstance(stamps, dict) and stamps == _file_stamps(entry) and _GRAPH in stamps
+    except OSError:
         return False
 
 
