@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import emu3_rt
 from emu3_rt import integrity
 from emu3_rt.bundle import BundleError, load_bundle
+from emu3_rt.engines.base import EngineError
 from emu3_rt.prompt import PromptError
 
 from .conftest import TINY_BUNDLE, refresh_hash
@@ -373,6 +374,44 @@ def test_external_data_must_be_listed(bundle_copy):
     refresh_hash(bundle_copy, "weights.bin")
     model = emu3_rt.load(bundle_copy)
     assert model.chat("hi", max_new_tokens=2, sampling=emu3_rt.SamplingOptions(greedy=True)).tokens
+
+
+# ---- the graphs' static sizes, checked when their sessions open ----
+
+def _swap(root, a, b):
+    data_a, data_b = (root / a).read_bytes(), (root / b).read_bytes()
+    (root / a).write_bytes(data_b)
+    (root / b).write_bytes(data_a)
+    refresh_hash(root, a)
+    refresh_hash(root, b)
+
+
+def _vq_channels_dynamic(root):
+    _edit(root, lambda m: m["model"]["vq_encoder"]["io"]["inputs"][0]["dims"].__setitem__(1, "channels"))
+
+
+GRAPH_MIXUPS = [
+    # full- and visual-head step graphs: the same names, dtypes and ranks, only the logits width differs
+    (lambda root: _swap(root, "decoder_step.onnx", "decoder_step_visual.onnx"), "greedy",
+     r"decoder_step.onnx: output 'logits' is \(batch_size, 261\), bundle.json says \(batch_size, 1067\) \(axis 1\)"),
+    (lambda root: _swap(root, "sampler.onnx", "sampler_visual.onnx"), "sample",
+     r"sampler.onnx: input 'logits' is \(rows, 261\), bundle.json says \(rows, 1067\)"),
+    # an axis bundle.json calls dynamic that the graph fixes
+    (_vq_channels_dynamic, "image", r"vq_encoder.onnx: input 'pixel_values' is \(batch_size, 3, height, width\), "
+                                    r"bundle.json says \(batch_size, channels, height, width\) \(axis 1\)"),
+]
+
+
+@pytest.mark.parametrize("mixup, run, message", GRAPH_MIXUPS, ids=["step-heads", "sampler-heads", "frozen-axis"])
+def test_graph_static_dims_must_match_the_manifest(bundle_copy, mixup, run, message):
+    from PIL import Image
+
+    mixup(bundle_copy)
+    model = emu3_rt.load(bundle_copy)  # bundle.json is consistent and every hash matches
+    kwargs = {"greedy": dict(sampling=emu3_rt.SamplingOptions(greedy=True)), "sample": dict(seed=0),
+              "image": dict(images=[Image.new("RGB", (32, 32))], sampling=emu3_rt.SamplingOptions(greedy=True))}[run]
+    with pytest.raises(EngineError, match=message):
+        model.chat("hi", max_new_tokens=2, **kwargs)
 
 
 # ---- integrity by default: hashed once per file version, remembered per user ----

@@ -55,9 +55,11 @@ def Uniforms(u) -> list:  # noqa: N802 -- reads as the rng it stands in for
     return [_Fixed(float(x)) for x in np.asarray(u, dtype=np.float64).reshape(-1)]
 
 
-def engine(path, positions=False) -> OrtEngine:
+def engine(path, vocab: int, positions=False) -> OrtEngine:
+    """The graph's engine, declared as write_bundle declares it (the logits width fixed by the graph's table)."""
     io = sampler_io(positions)
-    spec = GraphSpec(path, *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in io[side])
+    spec = GraphSpec(path, *(tuple(TensorSpec(t["name"], t["dtype"], tuple(vocab if d == "vocab" else d
+                                                                            for d in t["dims"])) for t in io[side])
                              for side in ("inputs", "outputs")))
     return OrtEngine(spec, OrtOptions(threads=1))
 
@@ -65,7 +67,7 @@ def engine(path, positions=False) -> OrtEngine:
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     d = tmp_path_factory.mktemp("sampler")
-    return {v: engine(write_sampler_graph(d / f"sampler_{v}.onnx", column_kinds(v, **layout(v)))) for v in VOCABS}
+    return {v: engine(write_sampler_graph(d / f"sampler_{v}.onnx", column_kinds(v, **layout(v))), v) for v in VOCABS}
 
 
 def numpy_choose(logits, kinds, *, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, greedy, uniforms=None):
@@ -220,7 +222,7 @@ def test_mismatch_rate_on_random_logits(tmp_path, params):
     """CFG 3 -> grid (VISUAL: 1/4 of the ids) -> chain, 8000 draws: at most 1 in 10^4 may differ (measured: 0)."""
     v, b, calls = 4096, 500, 16
     lay = dict(visual_ids=np.arange(3072, v), eol=5, eof=1, eoi=2, eos=3, pad=0)
-    eng = engine(write_sampler_graph(tmp_path / "s.onnx", column_kinds(v, **lay)))
+    eng = engine(write_sampler_graph(tmp_path / "s.onnx", column_kinds(v, **lay)), v)
     rng = np.random.default_rng(7)
     differ = 0
     for _ in range(calls):
@@ -243,7 +245,7 @@ def test_mismatch_rate_on_random_logits(tmp_path, params):
 
 def test_positions_variant_equals_per_position_rows(tmp_path):
     v, b, s = 12, 2, 3
-    eng = engine(write_sampler_graph(tmp_path / "p.onnx", column_kinds(v, **layout(v)), positions=True), True)
+    eng = engine(write_sampler_graph(tmp_path / "p.onnx", column_kinds(v, **layout(v)), positions=True), v, True)
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 2, (2 * b, s, v)).astype(np.float32)
     kinds, u = np.array([[0, 1, -1], [4, 0, 0]]), rng.random((b, s))

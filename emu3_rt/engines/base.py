@@ -22,15 +22,28 @@ class Engine(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def check_io(spec: GraphSpec, inputs: dict[str, tuple[str, int]], outputs: dict[str, tuple[str, int]]) -> None:
-    """Compare a loaded graph's (name -> (dtype, rank)) I/O with the manifest; raise EngineError on any mismatch."""
+def check_io(spec: GraphSpec, inputs: dict[str, tuple[str, tuple]], outputs: dict[str, tuple[str, tuple]]) -> None:
+    """Compare a loaded graph's I/O, name -> (dtype, dims: an int per static axis, a str or None per dynamic one),
+    with the manifest; raise EngineError on any mismatch. Every static size bundle.json declares (the logits width
+    above all: a full-head and a visual-head step graph differ only there) must be the graph's, and an axis it
+    declares dynamic must not be fixed in the graph (dynamo can freeze one silently)."""
     for side, found, wanted in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
-        want = {t.name: (t.dtype, len(t.dims)) for t in wanted}
+        want = {t.name: t for t in wanted}
         if set(found) != set(want):
             missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
             raise EngineError(f"{spec.path.name}: graph {side}s do not match bundle.json "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        for name, (dtype, rank) in want.items():
-            if found[name] != (dtype, rank):
-                raise EngineError(f"{spec.path.name}: {side} {name!r} is {found[name][0]} rank {found[name][1]}, "
-                                  f"bundle.json says {dtype} rank {rank}")
+        for name, t in want.items():
+            dtype, dims = found[name]
+            if (dtype, len(dims)) != (t.dtype, len(t.dims)):
+                raise EngineError(f"{spec.path.name}: {side} {name!r} is {dtype} rank {len(dims)}, "
+                                  f"bundle.json says {t.dtype} rank {len(t.dims)}")
+            for axis, (have, declared) in enumerate(zip(dims, t.dims)):
+                static = isinstance(have, int) and not isinstance(have, bool)
+                if (static or isinstance(declared, int)) and have != declared:
+                    raise EngineError(f"{spec.path.name}: {side} {name!r} is {_shape(dims)}, bundle.json says "
+                                      f"{_shape(t.dims)} (axis {axis}); is it another bundle's graph?")
+
+
+def _shape(dims) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"

@@ -239,7 +239,7 @@ class OrtEngine:
         if sess.get_providers()[0] != PROVIDERS[self.options.device][0]:
             raise EngineError(f"{name}: onnxruntime fell back to {sess.get_providers()[0]} instead of "
                               f"{PROVIDERS[self.options.device][0]}")
-        io = {side: {a.name: (_ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in args}
+        io = {side: {a.name: (_ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in args}
               for side, args in (("in", sess.get_inputs()), ("out", sess.get_outputs()))}
         check_io(self.spec, io["in"], io["out"])
 

@@ -82,7 +82,8 @@ class TrtEngine:
         self._outputs = [n for n in names if n not in self._inputs]
         kinds = {n: _TRT_TYPES.get(engine.get_tensor_dtype(n).name, str(engine.get_tensor_dtype(n))) for n in names}
         self._dtype = {n: np.dtype(k) for n, k in kinds.items() if k != "bfloat16"}
-        io = {n: (kinds[n], len(engine.get_tensor_shape(n))) for n in names}
+        # -1: an axis the plan's optimization profiles keep dynamic
+        io = {n: (kinds[n], tuple(d if d >= 0 else None for d in engine.get_tensor_shape(n))) for n in names}
         check_io(self.spec, {n: io[n] for n in self._inputs}, {n: io[n] for n in self._outputs})
         # one execution context per optimization profile (the step graph has prefill and decode profiles)
         self._contexts = []
