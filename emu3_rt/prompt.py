@@ -204,13 +204,13 @@ class PromptEncoder:
             if not source.strip():
                 raise PromptError("this bundle has no chat template; pass the prompt as is (--raw-prompt)")
             try:
-                self._template = compile_chat_template(source)
+                self._template = chat_template.ChatTemplate(source)
             except jinja2.TemplateSyntaxError as e:
                 raise BundleError(f"{path}: line {e.lineno}: {e.message}") from None
         t = self.tokens.text
         try:
-            return chat_template.render(self._template, messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=t["bos"], eos_token=t["eos"], pad_token=t["pad"])
         except (chat_template.TemplateLimitError, jinja2.TemplateError, RecursionError, ArithmeticError,
                 TypeError, ValueError, LookupError, AttributeError) as e:
             # the template's raise_exception, a limit, or a template bug meeting these messages: one line

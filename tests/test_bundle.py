@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -18,7 +21,7 @@ from emu3_rt.bundle import BundleError, load_bundle
 from emu3_rt.engines.base import EngineError
 from emu3_rt.prompt import PromptError
 
-from .conftest import TINY_BUNDLE, refresh_hash
+from .conftest import REPO, TINY_BUNDLE, refresh_hash
 
 
 def _edit(root, fn):
@@ -559,7 +562,8 @@ TEMPLATES = [
     ("{{ 'x' * 100000000 }}", "repeated string"),
     ("{{ 2 ** 100000 }}", "integer over"),
     ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "concat"),
-    ("{% set ns = namespace(s=['a']) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "concat"),
+    ("{% set ns = namespace(s=['a']) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "concat|in all"),
     ("{{ 'a'|center(100000000) }}", "center"),
     ("{{ ('x' * 1000000)|replace('x', 'yyyyyyyy') }}", "replace"),
     ("{{ ('x' * 1000000).replace('x', 'yyyyyyyy') }}", "call"),
@@ -581,10 +585,79 @@ def test_chat_template_is_bounded(bundle_copy, monkeypatch, source, message):
     (bundle_copy / "chat_template.jinja").write_text(source)
     refresh_hash(bundle_copy, "chat_template.jinja")
     model = emu3_rt.load(bundle_copy)
-    start = time.perf_counter()
     with pytest.raises(PromptError, match=f"chat_template.jinja: cannot render the chat .*(?i:{message})") as e:
         model.prompts.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
-    assert time.perf_counter() - start < 3.0 and "\n" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# Library calls that run in C or in untraced Python, past the checks between template lines: each would take
+# gigabytes or minutes (expandtabs 4 GB, indent 10 GB, sum(start=[]) quadratic, lipsum a loop in Python, str()
+# of a list of big strings 4 GB), so such templates render in the worker (RLIMIT_AS, RLIMIT_CPU, a wall clock).
+# The vetted ones render here, bounded by the checks: many big values in all, captured output.
+_DOUBLING = "{% set s0 = 'x' %}" + "".join(f"{{% set s{i} = s{i - 1} ~ s{i - 1} %}}" for i in range(1, 22))
+LIBRARY_TEMPLATES = [
+    ("{{ ('\t' * 1000).expandtabs(4000000) }}", "expandtabs", "needs over 512 MiB|did not finish"),
+    ("{{ ('a\n' * 100000)|indent(100000) }}", "indent", "needs over 512 MiB|did not finish"),
+    ("{{ ([[0]] * 100000)|sum(start=[]) }}", "sum", "did not finish|needs over"),
+    ("{{ lipsum(100000000) }}", "lipsum", "did not finish|needs over"),
+    ("{% set s = 'x' * 4000000 %}{{ '%s' % ([s] * 1000) }}", "Mul", "needs over 512 MiB|did not finish"),
+    ("{{ [('x' * 4000000)] * 1000 }}", "Mul", "needs over 512 MiB|did not finish"),
+    (_DOUBLING + "".join(f"{{% set t{j} = s21 ~ s21 %}}" for j in range(20)), None, "over 33554432 characters in all"),
+    (_DOUBLING + "{% generation %}{% for i in range(10000) %}{{ s21 }}{% endfor %}{% endgeneration %}", None,
+     "captured block"),
+]
+_RENDER_ALL = """
+import json, sys, resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a template that escaped would fail this process
+resource.setrlimit(resource.RLIMIT_CPU, (300, 300))
+from emu3_rt import chat_template
+from emu3_rt.bundle import load_bundle
+from emu3_rt.prompt import PromptEncoder, PromptError
+from tests.conftest import refresh_hash
+from pathlib import Path
+chat_template.RENDER_SECONDS = 0.5
+root = Path(sys.argv[1])
+for source in json.loads(sys.argv[2]):
+    (root / "chat_template.jinja").write_text(source)
+    refresh_hash(root, "chat_template.jinja")
+    prompts = PromptEncoder(load_bundle(root))
+    try:
+        prompts.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        print(json.dumps({"rendered": True}), flush=True)
+    except PromptError as e:
+        print(json.dumps({"error": str(e), "worker": prompts._template.worker_reason}), flush=True)
+"""
+
+
+def test_chat_template_library_calls_are_bounded(bundle_copy):
+    """In a child process under RLIMIT_AS 3 GiB (one escaped allocation fails it) and RLIMIT_CPU: every template
+    gets its one-line PromptError, and the next one renders in a fresh worker after one was killed."""
+    sources = [source for source, _, _ in LIBRARY_TEMPLATES]
+    child = subprocess.run([sys.executable, "-c", _RENDER_ALL, str(bundle_copy), json.dumps(sources)], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    results = [json.loads(line) for line in child.stdout.splitlines()]
+    assert len(results) == len(LIBRARY_TEMPLATES)
+    for (source, routed, message), got in zip(LIBRARY_TEMPLATES, results):
+        assert re.search(f"chat_template.jinja: cannot render the chat .*({message})", got.get("error", "")), got
+        assert "\n" not in got["error"]
+        assert (got["worker"] is None) if routed is None else routed in got["worker"], (source[:60], got)
+
+
+def test_emu3_template_renders_here_and_the_worker_agrees():
+    """Emu3's template is vetted: rendered in this process, no worker started (start-up pays nothing). The worker
+    renders it to the same string."""
+    from emu3_rt import chat_template
+
+    template = chat_template.ChatTemplate((TINY_BUNDLE / "chat_template.jinja").read_text())
+    assert template.worker_reason is None
+    messages = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+                {"role": "user", "content": [{"type": "text", "text": "\udcff and \ue000?"}]}]
+    here = template.render(messages=messages, add_generation_prompt=True)
+    assert here.startswith("be brief USER: <image>what is it? ASSISTANT: a cat USER:")
+    assert chat_template._WORKER.render(template, {"messages": messages, "add_generation_prompt": True}) == here
 
 
 def test_chat_template_syntax_error_names_the_file(bundle_copy):
