@@ -18,7 +18,7 @@ import numpy as np
 from . import chat_template
 from .bundle import Bundle, BundleError
 from .integrity import read_regular
-from .tokenizer import load_tokenizer
+from .tokenizer import MAX_NORMALIZED, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 # (text, from_user): a prompt in pieces, so special-token strings the user typed can be kept literal
@@ -138,7 +138,7 @@ class PromptEncoder:
         self.bundle = bundle
         self.tokens = bundle.tokens
         # checked against bundle.json (BundleError names the file), and its special ids
-        self.tokenizer, self._specials = load_tokenizer(bundle)
+        self.tokenizer, self._specials, self._max_chars = load_tokenizer(bundle)
         self._template = None
         self._literal_tokenizer = None
 
@@ -146,7 +146,15 @@ class PromptEncoder:
 
     def encode_text(self, text: str) -> list[int]:
         """Trusted text (our own control strings included): special-token strings become their ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(self._bounded(text), add_special_tokens=False).ids
+
+    def _bounded(self, text: str) -> str:
+        """`text`, if the tokenizer's normalizers can grow it only within the library's bound (tokenizer.py)."""
+        if len(text) > self._max_chars:
+            raise PromptError(f"the prompt has {len(text)} characters; this bundle's tokenizer.json can grow a "
+                              f"text {MAX_NORMALIZED // self._max_chars}-fold while tokenizing, so at most "
+                              f"{self._max_chars} are tokenized")
+        return text
 
     def encode_fragments(self, fragments: list[Fragment], allow_special_tokens: bool = False) -> list[int]:
         """Ids of the concatenated fragments; a special-token string typed by the user stays literal text.
@@ -157,7 +165,7 @@ class PromptEncoder:
         reaches this point inside user text: it is the documented placeholder and was expanded before.
         """
         text = "".join(t for t, _ in fragments)
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        enc = self.tokenizer.encode(self._bounded(text), add_special_tokens=False)
         if allow_special_tokens:
             return enc.ids
         user, at = [], 0

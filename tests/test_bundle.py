@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -311,7 +312,7 @@ def test_id_checks_are_remembered_per_manifest(bundle_copy, monkeypatch, tmp_pat
     model = emu3_rt.load(bundle_copy)
     assert len(calls) == 1
     # the special ids remembered with the verdict are the tokenizer's own
-    tk, specials = tokenizer.load_tokenizer(model.bundle)
+    tk, specials, _ = tokenizer.load_tokenizer(model.bundle)
     assert len(calls) == 1 and specials == tokenizer._special_set(tk) != frozenset()
     _edit(bundle_copy, _set("emu3.tokens.boi.id", 605))
     with pytest.raises(BundleError, match="bundle.json says 605"):
@@ -522,6 +523,80 @@ def test_bad_tokenizer_is_a_bundle_error(bundle_copy, edit, message):
     _edit_tokenizer(bundle_copy, edit)
     with pytest.raises(BundleError, match=f"tokenizer.json: {message}"):
         emu3_rt.load(bundle_copy)
+
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+_CHARSMAP = base64.b64encode((0).to_bytes(4, "little") + b"x" * 1000 + b"\0").decode()  # empty trie, 1000-char pool
+_SPECIAL = {"id": "[S]", "ids": list(range(5000)), "tokens": ["[S]"] * 5000}
+GROWING_TOKENIZERS = {
+    "replace-100k": ({"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "x" * 100_000}},
+                     r"its normalizer \(Replace\) can grow a text up to 100000-fold"),
+    "replace-regex": ({"normalizer": {"type": "Replace", "pattern": {"Regex": _GPT2}, "content": "x" * 500}},
+                      r"its normalizer \(Replace\) can grow a text up to 501-fold"),
+    "sequence": ({"normalizer": {"type": "Sequence", "normalizers": [
+                     {"type": "NFKC"}, {"type": "Lowercase"},
+                     {"type": "Replace", "pattern": {"String": " "}, "content": "x" * 10}]}},
+                 r"its normalizer \(Sequence\) can grow a text up to 540-fold"),
+    "prepend": ({"normalizer": {"type": "Prepend", "prepend": "\u2581" * 1000}},
+                r"its normalizer \(Prepend\) can grow a text up to 1001-fold"),
+    "precompiled": ({"normalizer": {"type": "Precompiled", "precompiled_charsmap": _CHARSMAP}},
+                    r"its normalizer \(Precompiled\) can grow a text up to 1000-fold"),
+    # 65-fold alone, 260-fold after the ByteLevel pre-tokenizer
+    "with-pre-tokenizer": ({"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "x" * 65}},
+                           r"its normalizer and pre-tokenizer together can grow a text up to 260-fold"),
+    "metaspaces": ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [_METASPACE] * 9}},
+                   r"its pre-tokenizer \(Sequence\) can grow a text up to 512-fold"),
+    "decoder": ({"decoder": {"type": "Replace", "pattern": {"String": "\u0120"}, "content": "x" * 10_000}},
+                r"its decoder \(Replace\) can grow a text up to 10000-fold"),
+    "post-processor": ({"post_processor": {"type": "TemplateProcessing", "single": [
+                           {"SpecialToken": {"id": "[S]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                        "special_tokens": {"[S]": _SPECIAL}}}, r"its post-processor adds 5000 ids"),
+}
+
+
+@pytest.mark.parametrize("edit, message", GROWING_TOKENIZERS.values(), ids=GROWING_TOKENIZERS.keys())
+def test_tokenizer_components_that_grow_the_text_are_refused(bundle_copy, edit, message):
+    """Vetted at load from the components' settings: nothing is tokenized, so nothing is allocated here."""
+    _edit_tokenizer(bundle_copy, lambda t: t.update(edit))
+    with pytest.raises(BundleError, match=f"tokenizer.json: {message}") as e:
+        emu3_rt.load(bundle_copy)
+    assert "\n" not in str(e.value)
+
+
+_ENCODE_LONG = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # an allocation failure in Rust aborts the process
+from emu3_rt.bundle import load_bundle
+from emu3_rt.prompt import PromptEncoder, PromptError
+prompts = PromptEncoder(load_bundle(sys.argv[1]))
+assert prompts.encode_text("a few words") and prompts.encode_fragments([("a few", True), (" words", False)])
+for encode in (prompts.encode_text, lambda text: prompts.encode_fragments([(text, True)])):
+    try:
+        encode("word " * int(sys.argv[2]))
+        print("tokenized")
+    except PromptError as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("content, words", [(" " * 60, 8000), ("ab" * 31, 100_000)], ids=["spaces", "letters"])
+def test_a_growing_tokenizer_tokenizes_only_bounded_texts(bundle_copy, content, words):
+    """A growth under the limit (60- and 62-fold, times 4 for the ByteLevel pre-tokenizer) loads; a text is
+    tokenized only while its length times that growth stays under MAX_NORMALIZED. In a child under RLIMIT_AS 2 GiB."""
+    from emu3_rt import tokenizer
+
+    _edit_tokenizer(bundle_copy, lambda t: t.update(normalizer={"type": "Replace", "pattern": {"String": " "},
+                                                                "content": content}))
+    child = subprocess.run([sys.executable, "-c", _ENCODE_LONG, str(bundle_copy), str(words)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    growth = 4 * len(content)
+    limit = tokenizer.MAX_NORMALIZED // growth
+    assert child.stdout.splitlines() == [f"the prompt has {5 * words} characters; this bundle's tokenizer.json can "
+                                         f"grow a text {growth}-fold while tokenizing, so at most {limit} are "
+                                         f"tokenized"] * 2
 
 
 def test_tokenizer_panic_is_a_bundle_error(bundle_copy, monkeypatch):
