@@ -7,6 +7,7 @@ every file the runtime opens must be listed, and listed files are checked agains
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class GraphSpec:
     path: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # the graph file and its external data as load_bundle checked them: checked again when a session opens
+    files: tuple[integrity.FileCheck, ...] = ()
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -460,19 +463,28 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
         _check_sampler_io(sampler, decoder)
     image, image_logit, image_sampler = _image_graphs(manifest, root, decoder, sampler)
     files = integrity.listed_files(manifest, root)
-    bundle = Bundle(
-        root=root, manifest=manifest, decoder=decoder, vq_encoder=vq_encoder, vq_decoder=vq_decoder, tokens=tokens,
+    tokenizer_path = inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename")
+    chat_template_path = inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template")
+    graphs = [g.path for g in (decoder, vq_encoder, vq_decoder, sampler, image, image_sampler) if g is not None]
+    integrity.check_listed(root, files, graphs + [tokenizer_path, chat_template_path], {})
+    external, checked = integrity.check_files(root, files, [g.name for g in graphs], force=verify)
+    integrity.check_listed(root, files, [], external)
+
+    def checked_graph(g: GraphSpec | None) -> GraphSpec | None:
+        if g is None:
+            return None
+        names = [g.path.name] + external[g.path.name]
+        return dataclasses.replace(g, files=tuple(checked[n] for n in names))
+
+    return Bundle(
+        root=root, manifest=manifest, decoder=checked_graph(decoder), vq_encoder=checked_graph(vq_encoder),
+        vq_decoder=checked_graph(vq_decoder), tokens=tokens,
         visual_ids=_table(visual), logit_ids=None if logit is None else _table(logit),
-        tokenizer_path=inside(root, manifest["tokenizer"]["filename"], "tokenizer.filename"),
-        chat_template_path=inside(root, manifest["tokenizer"]["chat_template"], "tokenizer.chat_template"),
-        manifest_sha256=digest, sampler=sampler, image_decoder=image, image_sampler=image_sampler,
+        tokenizer_path=tokenizer_path, chat_template_path=chat_template_path,
+        manifest_sha256=digest, sampler=checked_graph(sampler), image_decoder=checked_graph(image),
+        image_sampler=checked_graph(image_sampler),
         image_logit_ids=None if image_logit is None else _table(image_logit),
     )
-    graphs = [g.path for g in (decoder, vq_encoder, vq_decoder, sampler, image, image_sampler) if g is not None]
-    integrity.check_listed(root, files, graphs + [bundle.tokenizer_path, bundle.chat_template_path], {})
-    external = integrity.check_files(root, files, [g.name for g in graphs], force=verify)
-    integrity.check_listed(root, files, [], external)
-    return bundle
 
 
 def verify_files(bundle: Bundle) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 MAX_FILES, MAX_NAME = 4096, 256
@@ -256,20 +257,45 @@ def save_cached_json(path: Path, value) -> None:
                 os.unlink(tmp)
 
 
-def check_files(root: Path, files: dict[str, dict], graphs: list[str], force: bool = False) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class FileCheck:
+    """A listed file as check_files found it good: its sha256 in bundle.json and its stat key then."""
+    path: Path
+    sha256: str
+    key: tuple[int, ...]  # (size, mtime_ns, ctime_ns, inode, device)
+
+
+def _key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def recheck(checks: tuple[FileCheck, ...]) -> None:
+    """Files checked at load, checked again before use (a session opens at its first run, maybe hours later):
+    a stat each; a file whose stat changed is re-hashed, and BundleError unless it still matches bundle.json."""
+    for c in checks:
+        fd, st = _open_regular(c.path, None)
+        os.close(fd)
+        if tuple(_key(st)) != c.key and (st.st_size != c.key[0] or sha256_file(c.path) != c.sha256):
+            raise BundleError(f"{c.path}: changed since the bundle was loaded (size or sha256 no longer matches "
+                              f"bundle.json)")
+
+
+def check_files(root: Path, files: dict[str, dict], graphs: list[str],
+                force: bool = False) -> tuple[dict[str, list[str]], dict[str, FileCheck]]:
     """Every listed file is a regular file of the listed size and sha256; returns each graph's external data
-    locations. A file whose (size, mtime, ctime, inode, device) match the stamp of an earlier good hash is not
-    read again, unless `force`; ctime cannot be set back by a user, so a rewritten file is always re-hashed."""
+    locations, and each file's FileCheck (for `recheck`). A file whose (size, mtime, ctime, inode, device) match
+    the stamp of an earlier good hash is not read again, unless `force`; ctime cannot be set back by a user, so a
+    rewritten file is always re-hashed."""
     cache = _stamp_path(root)
     stamps = {} if force else _load_stamps(cache)
-    fresh, external = {}, {}
+    fresh, external, checked = {}, {}, {}
     for name, entry in files.items():
         path = root / name
         fd, st = _open_regular(path, None)
         os.close(fd)
         if st.st_size != entry["size"]:
             raise BundleError(f"{path}: size {st.st_size} != {entry['size']} in bundle.json (truncated?)")
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, entry["sha256"]]
+        key = _key(st) + [entry["sha256"]]
         stamp = stamps.get(name)
         if not (isinstance(stamp, list) and stamp[:6] == key):
             if sha256_file(path) != entry["sha256"]:
@@ -278,11 +304,12 @@ def check_files(root: Path, files: dict[str, dict], graphs: list[str], force: bo
         if name in graphs and not (len(stamp) == 7 and isinstance(stamp[6], list)):
             stamp = key + [sorted(external_data(path))]
         fresh[name] = stamp
+        checked[name] = FileCheck(path, entry["sha256"], tuple(key[:5]))
         if name in graphs:
             external[name] = [str(x) for x in stamp[6]]
     if fresh != stamps:
         save_cached_json(cache, fresh)
-    return external
+    return external, checked
 
 
 def graph_digest(path: Path) -> tuple[str, list[str]]:
@@ -291,7 +318,7 @@ def graph_digest(path: Path) -> tuple[str, list[str]]:
     fd, st = _open_regular(path, None)
     os.close(fd)
     stamp = _load_stamps(_stamp_path(path.parent)).get(path.name)
-    key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    key = _key(st)
     if isinstance(stamp, list) and len(stamp) == 7 and stamp[:5] == key and isinstance(stamp[6], list):
         return str(stamp[5]), [str(x) for x in stamp[6]]
     return sha256_file(path), sorted(external_data(path))

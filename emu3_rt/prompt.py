@@ -9,6 +9,7 @@ Batches are left-padded; `Batch` carries ids, mask and position ids (R, L) for t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -205,8 +206,13 @@ class PromptEncoder:
 
         path = self.bundle.chat_template_path
         if self._template is None:
+            data = read_regular(path, chat_template.MAX_SOURCE)
+            # read on first use, maybe long after load_bundle checked it: the bytes used are the bytes listed
+            if hashlib.sha256(data).hexdigest() != self.bundle.manifest["files"][path.name]["sha256"]:
+                raise BundleError(f"{path}: changed since the bundle was loaded (sha256 no longer matches "
+                                  f"bundle.json)")
             try:
-                source = read_regular(path, chat_template.MAX_SOURCE).decode("utf-8")
+                source = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise BundleError(f"{path}: not UTF-8 text") from None
             if not source.strip():

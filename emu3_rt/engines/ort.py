@@ -201,6 +201,7 @@ class OrtEngine:
         path = self.spec.path
         if not path.is_file():
             raise EngineError(f"{path}: graph file is missing")
+        integrity.recheck(self.spec.files)  # the files may have changed since load_bundle checked them
         providers = self._providers(ort)
         entry = self._cache_entry(ort)
         sess = self._open_cached(ort, entry, providers) if entry is not None else None
