@@ -221,6 +221,8 @@ class PromptEncoder:
                 self._template = chat_template.ChatTemplate(source)
             except jinja2.TemplateSyntaxError as e:
                 raise BundleError(f"{path}: line {e.lineno}: {e.message}") from None
+            except RecursionError:
+                raise BundleError(f"{path}: nested too deeply to compile") from None
         t = self.tokens.text
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,

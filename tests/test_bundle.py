@@ -784,8 +784,11 @@ def test_emu3_template_renders_here_and_the_worker_agrees():
     assert chat_template._WORKER.render(template, {"messages": messages, "add_generation_prompt": True}) == here
 
 
-def test_chat_template_syntax_error_names_the_file(bundle_copy):
-    (bundle_copy / "chat_template.jinja").write_text("{% for %}")
+@pytest.mark.parametrize("source, message", [("{% for %}", "line 1: "),
+                                             ("{{ " + "(" * 20000 + "1" + ")" * 20000 + " }}", "nested too deeply"),
+                                             ("{% if 1 %}" * 5000 + "{% endif %}" * 5000, "nested too deeply")])
+def test_chat_template_syntax_error_names_the_file(bundle_copy, source, message):
+    (bundle_copy / "chat_template.jinja").write_text(source)
     refresh_hash(bundle_copy, "chat_template.jinja")
-    with pytest.raises(BundleError, match="chat_template.jinja: line 1: "):
+    with pytest.raises(BundleError, match=f"chat_template.jinja: {message}"):
         emu3_rt.load(bundle_copy).prompts.render_chat([])
