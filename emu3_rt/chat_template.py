@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import select
-import subprocess
 import sys
 import threading
 import time
@@ -374,6 +372,8 @@ class _Worker:
         raise jinja2.TemplateError(reply["error"])
 
     def _start(self) -> None:
+        import subprocess  # here: the CLI's start-up does not pay for it when the template renders in-process
+
         self._stop()
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _BOOT, __file__, json.dumps(sys.path)],
@@ -408,6 +408,8 @@ class _Worker:
 
     def _read(self, deadline: float):
         """One length-prefixed JSON reply, or None when the worker dies, says too much or misses the deadline."""
+        import select
+
         fd, buf, want = self._proc.stdout.fileno(), b"", None
         while want is None or len(buf) < want:
             left = deadline - time.monotonic()
