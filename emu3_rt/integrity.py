@@ -2,7 +2,9 @@
 
 `read_regular`: only regular files (never a FIFO, device or directory), with a size bound.
 `external_data` lists the side files an ONNX graph makes onnxruntime open. `check_files` compares every listed
-file with its sha256, remembering good results in a per-user stamp cache so later loads cost a stat per file.
+file with its sha256, remembering good results in a per-user stamp cache so later loads cost a stat per file;
+`recheck` repeats the stat (and the hash if it changed) when a file is used long after load. Cache files that
+do not parse are discarded (`load_cached_json`).
 """
 
 from __future__ import annotations
