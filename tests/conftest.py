@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,26 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def finishes(fn, seconds: float = 60.0):
+    """Run fn in a daemon thread and hand back its exception (or None). A watchdog, never a speed bound: the calls
+    it guards take milliseconds, and the failure it catches (a blocking open of a FIFO) never returns, so the test
+    fails instead of hanging the suite."""
+    box = {}
+
+    def work():
+        try:
+            fn()
+            box["err"] = None
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["err"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s (blocked?)"
+    return box["err"]
 
 
 def engine_runs(monkeypatch) -> list[str]:

@@ -24,7 +24,7 @@ from emu3_rt.image import ImageConfig, ImageError, load_image
 from emu3_rt.options import SamplingOptions
 from emu3_rt.prompt import PromptError
 
-from .conftest import REPO, TINY_BUNDLE
+from .conftest import REPO, TINY_BUNDLE, finishes
 
 GREEDY = SamplingOptions(greedy=True)
 CHAT = dict(sampling=GREEDY, max_new_tokens=2)
@@ -200,28 +200,10 @@ def test_chat_image_path_errors_name_the_file(model, tmp_path):
 
 # ---- load_image reads only bounded regular files ----
 
-def _finishes(fn, seconds=20.0):
-    """Run fn in a daemon thread: returns its exception (or None); fails the test instead of hanging."""
-    box = {}
-
-    def work():
-        try:
-            fn()
-            box["err"] = None
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["err"] = e
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"still running after {seconds} s"
-    return box["err"]
-
-
 def test_load_image_refuses_a_fifo_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    err = _finishes(lambda: load_image(fifo), 5)
+    err = finishes(lambda: load_image(fifo))
     assert isinstance(err, ImageError) and "pipe.png: not a regular file" in str(err), err
 
 
@@ -232,7 +214,7 @@ def test_load_image_refuses_devices(tmp_path, device):
     link = tmp_path / "looks-like.png"
     link.symlink_to(device)
     for source in (device, link):
-        err = _finishes(lambda s=source: load_image(s), 5)
+        err = finishes(lambda s=source: load_image(s))
         assert isinstance(err, ImageError) and "not a regular file" in str(err), err
 
 
@@ -276,7 +258,7 @@ def test_call_from_a_callback_runs_and_equals_a_direct_call(model, outer, hook, 
 
     extra = {hook: reenter, **({"preview_every": 1} if hook == "on_preview" else {})}
     box = {}
-    err = _finishes(lambda: box.update(result=call(outer, **extra)), 60)   # fails instead of hanging
+    err = finishes(lambda: box.update(result=call(outer, **extra)), 60)   # fails instead of hanging
     assert err is None, err
     assert box["result"].tokens == call(outer).tokens and nested[0].tokens == call(inner).tokens
 

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tracemalloc
 
 import pytest
@@ -22,7 +21,7 @@ from emu3_rt.bundle import BundleError, load_bundle
 from emu3_rt.engines.base import EngineError
 from emu3_rt.prompt import PromptError
 
-from .conftest import REPO, TINY_BUNDLE, refresh_hash
+from .conftest import REPO, TINY_BUNDLE, finishes, refresh_hash
 
 
 def _edit(root, fn):
@@ -231,7 +230,7 @@ def test_geometry_is_checked_before_allocating(bundle_copy, path, value, message
         assert load_bundle(bundle_copy).logit_ids is None
         return
     _edit(bundle_copy, _set(path, value))
-    tracemalloc.start()
+    tracemalloc.start()   # numpy reports its buffers to tracemalloc: a geometry sized before checking shows here
     try:
         with pytest.raises(BundleError, match=message) as e:
             load_bundle(bundle_copy)
@@ -335,10 +334,9 @@ def _directory(path):
 @pytest.mark.parametrize("make", [_fifo, _directory], ids=["fifo", "directory"])
 def test_only_regular_files_are_read(bundle_copy, name, make):
     make(bundle_copy / name)
-    start = time.perf_counter()
-    with pytest.raises(BundleError, match=f"{name}: not a regular file"):
-        emu3_rt.load(bundle_copy).chat("hi", max_new_tokens=1, sampling=emu3_rt.SamplingOptions(greedy=True))
-    assert time.perf_counter() - start < 2.0
+    err = finishes(lambda: emu3_rt.load(bundle_copy).chat("hi", max_new_tokens=1,
+                                                           sampling=emu3_rt.SamplingOptions(greedy=True)))
+    assert isinstance(err, BundleError) and f"{name}: not a regular file" in str(err), err
 
 
 def test_symlink_to_a_device_is_refused(bundle_copy):
@@ -709,6 +707,7 @@ def test_chat_template_is_bounded(bundle_copy, monkeypatch, source, message):
     (bundle_copy / "chat_template.jinja").write_text(source)
     refresh_hash(bundle_copy, "chat_template.jinja")
     model = emu3_rt.load(bundle_copy)
+    # the message names the bound that stopped it (the clock for "did not finish"): no wall-time assertion
     with pytest.raises(PromptError, match=f"chat_template.jinja: cannot render the chat .*(?i:{message})") as e:
         model.prompts.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert "\n" not in str(e.value)

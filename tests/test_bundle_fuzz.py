@@ -1,5 +1,6 @@
 """Fuzzing bundle.json: random edits to the tiny bundle's manifest either load and run, or fail with a one-line
-typed error, in bounded memory, touching nothing outside the bundle copy and the temp directories."""
+typed error, in bounded work (engine runs) and memory, touching nothing outside the bundle copy and the temp
+directories."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from hypothesis import strategies as st
 import emu3_rt
 from emu3_rt import BundleError, EngineError, PromptError
 
-from .conftest import REPO, TINY_BUNDLE
+from .conftest import REPO, TINY_BUNDLE, engine_runs
 
 MANIFEST = json.loads((TINY_BUNDLE / "bundle.json").read_text())
 PEAK_BYTES = 256 << 20
+# the work bound, counted rather than timed: "hi" is 19 prompt ids with the tiny template; at worst (prefill_chunk 1)
+# every position runs the step graph and the sampler graph once, for the prompt and the 2 new tokens
+MAX_ENGINE_RUNS = 2 * (19 + 2)
 
 
 def _paths(node, prefix=()):
@@ -84,13 +88,19 @@ def fuzz_bundle(tmp_path_factory):
     return dst
 
 
+@pytest.fixture
+def runs(monkeypatch):
+    return engine_runs(monkeypatch)
+
+
 def _snapshot(root):
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir())
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=edits())
-def test_edited_manifest_loads_or_fails_cleanly(fuzz_bundle, changes):
+def test_edited_manifest_loads_or_fails_cleanly(fuzz_bundle, runs, changes):
+    runs.clear()   # the fixture is set up once for all of hypothesis' examples
     manifest = json.loads(json.dumps(MANIFEST))
     for edit in changes:
         _apply(manifest, edit)
@@ -107,5 +117,6 @@ def test_edited_manifest_loads_or_fails_cleanly(fuzz_bundle, changes):
         tracemalloc.stop()
     # bounded by memory, not a clock: on a shared machine a clock measures the load (4.7 s for a refused
     # manifest at load average 13), not the runtime
+    assert len(runs) <= MAX_ENGINE_RUNS, (changes, len(runs))
     assert peak < PEAK_BYTES, (changes, peak)
     assert (_snapshot(fuzz_bundle), _snapshot(TINY_BUNDLE), sorted(os.listdir(REPO))) == before

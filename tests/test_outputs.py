@@ -147,11 +147,10 @@ SLOW_RUN = [sys.executable, "-m", "emu3_rt", "generate-image", "--prompt", "x", 
             "--cfg-scale", "3", "--preview-every", "1", "--greedy", "--quiet", "-o"]
 
 
-def _wait_for(path: Path, proc, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
+def _wait_for(path: Path, proc) -> None:
+    """Until `path` appears; no clock: the run always ends, and ending without writing it fails the test."""
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end, "no preview appeared"
         time.sleep(0.02)
 
 
