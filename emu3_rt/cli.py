@@ -82,10 +82,23 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def invoked_as(prog: str) -> str:
+    """The program name as the user typed it: the exporter's `python -m export...` (its name in the repository)
+    is `python -m emu3_export...` or `emu3-export` where it was started under its installed name."""
+    if not prog.startswith("python -m export"):
+        return prog
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        name = spec.name.removesuffix(".__main__")
+        return f"python -m {name}" if name.split(".")[0] == "emu3_export" else prog
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script if script == "emu3-export" and prog == "python -m export" else prog
+
+
 def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser every command of the project uses (export, benchmarks): its real program name, no
     abbreviations, one-line usage errors, each option's default shown once."""
-    return _Parser(prog=prog, description=description, formatter_class=_Help)
+    return _Parser(prog=invoked_as(prog), description=description, formatter_class=_Help)
 
 
 SEED_MAX = 2**32 - 1   # seeds are 32-bit: what PNG metadata records and numpy's generators take
