@@ -2,15 +2,19 @@
 
 stdout carries the result (text, image paths, or one JSON object with --json); stderr carries the progress bar,
 the seed when it was drawn at random, a summary line, and errors: one line and exit code 2 (-v shows the
-traceback). Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, removing what the run wrote.
+traceback). Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, removing what the run wrote; a closed pipe on stdout
+(`| head`) ends the run quietly with 141, as Unix tools do. A closed or full stderr drops the progress bar, notes
+and error lines; results are still written and the exit code is the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,15 +26,44 @@ from . import __version__
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with no abbreviations (`--image` is never read as `--image-area`), and usage errors as one line on
-    stderr (exit 2) like every other error."""
+    """argparse with no abbreviations (`--image` is never read as `--image-area`), usage errors as one line on
+    stderr (exit 2) like every other error, and a "did you mean" for a mistyped option, subcommand or choice."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:   # suggestions from the options of the subcommand that was chosen, not from every subcommand
+            options = [o for a in self.chosen(namespace)._actions for o in a.option_strings]
+            hints = [h for x in extras if x.startswith("-") and (h := _closest(x.split("=", 1)[0], options))]
+            self.error(f"unrecognized arguments: {' '.join(extras)}"
+                       + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        return namespace
+
+    def chosen(self, namespace) -> argparse.ArgumentParser:
+        """The subcommand's parser the arguments selected (this parser when there is none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(namespace, action.dest, None)
+                if name in action.choices:
+                    return action.choices[name]
+        return self
+
     def error(self, message):
+        # argparse's wording: "argument X: invalid choice: 'chta' (choose from 'chat', 'generate-image')"
+        m = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        if m and (hint := _closest(m.group(1), [c.strip(" '") for c in m.group(2).split(",")])):
+            message += f"; did you mean {hint}?"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _closest(typed: str, candidates: list[str]) -> str | None:
+    import difflib  # on errors only
+
+    close = difflib.get_close_matches(typed, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -104,11 +137,10 @@ def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
 SEED_MAX = 2**32 - 1   # seeds are 32-bit: what PNG metadata records and numpy's generators take
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = tool_parser("emu3-rt", __doc__)
-    ap.add_argument("--version", action="version", version=f"emu3-rt {__version__}")
-    common = _Parser(add_help=False)
-    g = common.add_argument_group("bundle / engine")
+def add_bundle_options(parser: argparse.ArgumentParser, threads_help: str = "intra-op threads") -> None:
+    """Which bundle and engine: the same options on every subcommand (`emu3-rt serve` too, per replica), passed to
+    `emu3_rt.load` as bundle, engine, device, device_id, threads, sampler, verify."""
+    g = parser.add_argument_group("bundle / engine")
     g.add_argument("-m", "--bundle", type=Path, default=None,
                    help="bundle directory (default: the embedded tiny bundle, random weights)")
     g.add_argument("--engine", choices=["ort", "trt"], default="ort",
@@ -117,12 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime execution provider (tensorrt: ORT's TensorRT EP)")
     g.add_argument("--device-id", type=int_in(0), default=0, help="GPU ordinal (default: 0)")
     g.add_argument("--threads", type=_threads, default=0,
-                   help="intra-op threads, at most max(64, 4 x CPUs) (default: 0, onnxruntime's choice)")
+                   help=f"{threads_help}, at most max(64, 4 x CPUs) (default: 0, onnxruntime's choice)")
     g.add_argument("--sampler", choices=["graph", "numpy"], default=None,
                    help="where the sampling chain runs: the bundle's sampler graph, next to the step (default when "
                         "the bundle has one and --engine is ort), or numpy on the host (the reference)")
     g.add_argument("--verify", action="store_true",
                    help="re-hash every bundle file (by default only files changed since their last check are)")
+
+
+DEFAULT_OUTPUT = "out.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = tool_parser("emu3-rt", __doc__)
+    ap.add_argument("--version", action="version", version=f"emu3-rt {__version__}")
+    common = _Parser(add_help=False)
+    add_bundle_options(common)
     s = common.add_argument_group("sampling (defaults: the bundle's search section)")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling options)")
     s.add_argument("--temperature", type=number, default=None, help="default: the bundle's (usually 1.0)")
@@ -139,9 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar, notes, drawn seed or summary line (--json and PNGs still record the seed)")
     o.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    # `emu3-rt serve` (runtime/serve, the serve extra) is dispatched before parsing; listed here for --help
-    sub.add_parser("serve", add_help=False, help="HTTP service on Ray Serve (the serve extra): emu3-rt serve --help")
-
     chat = sub.add_parser("chat", parents=[common], formatter_class=_Help, help="answer a prompt about images",
                           description="Answer prompts about images. With one --prompt, every --image belongs to "
                                       "it; with several, each --image belongs to the --prompt before it.")
@@ -153,18 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate-image", parents=[common], formatter_class=_Help, help="draw images from text",
                          description="Draw one image per --prompt.")
-    gen.add_argument("--prompt", action=_Ordered, required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--prompt", action=_Ordered, help="prompt text (repeat for a batch); required unless --from")
+    gen.add_argument("--from", dest="from_image", type=Path, default=None, metavar="IMAGE",
+                     help="re-run the request an image written by emu3-rt records (prompt, negative prompt, CFG "
+                          "scale, seed, sampling, ratio, image area); options given as well replace its values")
     gen.add_argument("--negative-prompt", default=None,
                      help="what to steer away from; needs CFG (default: the bundle's under CFG)")
     gen.add_argument("--cfg-scale", type=number, default=None,
                      help="classifier-free guidance; 1 disables it (default: the bundle's, usually 3.0)")
     gen.add_argument("--ratio", action="append", default=None, help="W:H, once or once per prompt (default: 1:1)")
     gen.add_argument("--image-area", type=int_in(1), default=None, help="pixels (default: the bundle's)")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"),
-                     help="image path, .png, .jpg/.jpeg or .webp; several prompts write STEM-0.EXT, STEM-1.EXT, ...")
+    gen.add_argument("-o", "--output", default=DEFAULT_OUTPUT,
+                     help="image path, .png, .jpg/.jpeg or .webp; several prompts write STEM-0.EXT, STEM-1.EXT, ...; "
+                          f"a directory gets {DEFAULT_OUTPUT} inside it")
     gen.add_argument("--preview-every", type=int_in(0), default=0, metavar="ROWS",
                      help="write STEM.partial.png every ROWS grid rows, grey where not generated yet (default: 0, "
                           "off)")
+    for command in (chat, gen):
+        command.set_defaults(items=None)   # --prompt / --image in command-line order (_Ordered)
+    # `emu3-rt serve` (runtime/serve, the serve extra) is dispatched before parsing; listed here for --help
+    sub.add_parser("serve", add_help=False, help="HTTP service on Ray Serve (the serve extra): emu3-rt serve --help")
     return ap
 
 
@@ -223,7 +270,7 @@ def _prompts_and_images(items) -> tuple[list[str], list[list[str]]]:
     return prompts, images
 
 
-def run_chat(args, model, seed: int | None) -> dict:
+def run_chat(args, model, seed: int | None, on_start) -> dict:
     prompts, image_paths = _prompts_and_images(args.items)
     sampling = _sampling(args, model.bundle)
     max_new = args.max_new_tokens or model.bundle.search["max_new_tokens"]
@@ -233,41 +280,87 @@ def run_chat(args, model, seed: int | None) -> dict:
         result = model.chat(prompts, image_paths if len(prompts) > 1 else image_paths[0], system=args.system,
                             raw=args.raw_prompt, max_new_tokens=max_new, sampling=sampling, seed=seed,
                             on_token=lambda step, ids: bar.update(1),
-                            on_text=(lambda row, delta: _write_stdout(delta)) if stream else None,
-                            allow_special_tokens=args.allow_special_tokens)
+                            on_text=(lambda row, delta: _write_stdout(delta, args)) if stream else None,
+                            allow_special_tokens=args.allow_special_tokens, on_start=on_start)
     if stream:
-        _write_stdout("\n")
+        _write_stdout("\n", args)
     return {"text": result.texts, "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed,
             "seeds": result.seeds, "streamed": stream}
 
 
-def run_generate_image(args, model, seed: int | None) -> dict:
+def _output_path(text: str) -> Path:
+    """-o: a file path, or a directory that gets the default name inside it (as `cp FILE DIR` does): one written
+    with a trailing slash, or an existing one whose name has no image extension (a directory named x.png is a
+    target refused, not a place to write into)."""
+    from .output import FORMATS
+
+    path = Path(text)
+    into = text.endswith(("/", os.sep)) or (path.is_dir() and path.suffix.lower() not in FORMATS)
+    return path / DEFAULT_OUTPUT if into else path
+
+
+def _recorded_request(args) -> None:
+    """generate-image --from IMAGE: the image's recorded request fills every option not given on the command line."""
+    from .output import read_request
+
+    meta = read_request(args.from_image)
+    if not args.items:
+        args.items = [("prompt", meta["prompt"])]
+    for dest in ("negative_prompt", "cfg_scale", "image_area"):
+        if getattr(args, dest) is None:
+            setattr(args, dest, meta.get(dest))
+    if args.ratio is None and meta.get("ratio") is not None:
+        args.ratio = [meta["ratio"]]
+    sampling = meta["sampling"]
+    if not args.greedy and args.temperature is args.top_k is args.top_p is None:
+        args.greedy = sampling["greedy"]
+        args.temperature, args.top_k, args.top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
+    if args.seed is None and meta["seed"] is not None:
+        args.seed = meta["seed"]
+    args.recorded = meta
+
+
+def run_generate_image(args, model, seed: int | None, on_start) -> dict:
     from .output import ImageOutputs
     from .prompt import calculate_generate_size
 
     prompts, _ = _prompts_and_images(args.items)
     sampling = _sampling(args, model.bundle)
+    f = model.bundle.spatial_factor
+    recorded = getattr(args, "recorded", None)
+    if recorded is not None:
+        if args.ratio is None and args.image_area is None and recorded.get("grid"):
+            # written before ratio and area were recorded: the grid gives both back exactly
+            h, w = recorded["grid"]
+            args.ratio, args.image_area = [f"{w}:{h}"], h * w * f * f
+        if recorded.get("bundle_sha256") != model.bundle.sha256:
+            _note(args, f"note: {args.from_image} was made with another bundle (sha256 "
+                        f"{str(recorded.get('bundle_sha256'))[:12]}...), so this image will differ from it")
+    ratios = args.ratio or [model.bundle.search["ratio"]]
+    ratios = ratios * len(prompts) if len(ratios) == 1 else ratios
     area = args.image_area or model.bundle.search["image_area"]
-    grids = [calculate_generate_size(r, area, model.bundle.spatial_factor)
-             for r in (args.ratio or [model.bundle.search["ratio"]])]
+    grids = [calculate_generate_size(r, area, f) for r in ratios]
     # every output path is checked before the first step; previews this run writes are removed on any exit
-    with ImageOutputs(args.output, len(prompts), previews=args.preview_every > 0) as out, \
+    with ImageOutputs(_output_path(args.output), len(prompts), previews=args.preview_every > 0) as out, \
             _progress(max(h * (w + 1) + 3 for h, w in grids), args.quiet) as bar:
         result = model.generate_image(
             prompts, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale, ratio=args.ratio,
             image_area=args.image_area, sampling=sampling, seed=seed,
             on_token=lambda step, ids: bar.update(1), preview_every=args.preview_every,
             on_preview=lambda row, rows, im: out.preview(row, im, rows),
-            allow_special_tokens=args.allow_special_tokens)
-        # each image records its own seed: `--seed` with that value and its prompt alone reproduces it
+            allow_special_tokens=args.allow_special_tokens, on_start=on_start)
+        # each image records its own request: `--from` the file (or its values as options) reproduces it alone
         paths = out.commit(result.images, [{
             "prompt": prompts[i], "negative_prompt": result.negative_prompt, "cfg_scale": result.cfg_scale,
             "seed": result.seeds[i] if result.seeds else None, "grid": list(result.grids[i]),
+            "ratio": ratios[i], "image_area": area,
             "sampling": dataclasses.asdict(sampling), "bundle_sha256": model.bundle.sha256, "emu3_rt": __version__,
         } for i in range(len(prompts))])
     return {"images": [str(p) for p in paths], "grid": [list(g) for g in result.grids],
             "prompt_ids": result.prompt_ids, "tokens": result.tokens, "seed": result.seed, "seeds": result.seeds}
 
+
+# ---- signals: the first one ends the run through its cleanup; the ones after it wait ----
 
 class _Terminated(BaseException):
     """SIGTERM or SIGHUP, raised in the main thread so that every cleanup (previews, temp files) still runs."""
@@ -277,24 +370,63 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-def _trap_signals():
-    """Turn SIGTERM/SIGHUP into _Terminated while main() runs; returns a function that restores the handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+class _SignalTrap:
+    """While the command runs, the first SIGINT, SIGTERM or SIGHUP raises (KeyboardInterrupt, _Terminated) in the
+    main thread, so every cleanup runs; from then on, and once the command is over, further signals are taken and
+    dropped: a second Ctrl-C, or TERM then HUP, cannot interrupt the cleanup, leave a preview behind, print a
+    traceback or change the exit code. A signal ignored when the process started (nohup, a background job) stays
+    ignored."""
 
-    def raise_terminated(signum, frame):
-        raise _Terminated(signum)
+    def __init__(self):
+        self.raising = False
+        self.previous: dict[int, object] = {}
 
-    wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
-    previous = {sig: signal.signal(sig, raise_terminated) for sig in wanted}
-    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+    def __enter__(self) -> _SignalTrap:
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                sig = getattr(signal, name, None)
+                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        self.raising = True
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.raising:
+            return
+        self.raising = False   # before raising: a signal arriving while this one unwinds is dropped
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated(signum)
+
+    def stop(self) -> None:
+        self.raising = False
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def _write_stdout(text: str) -> None:
-    """Write the result; a closed or full stdout becomes one error line instead of a traceback."""
+# ---- stdout: the result; stderr: everything else, never fatal ----
+
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (`| head`): the run ends quietly, as Unix tools do."""
+
+
+SIGPIPE_EXIT = 128 + getattr(signal, "SIGPIPE", 13)
+# C0 controls but tab and newline, DEL and C1: bytes that can move the cursor, retitle or reprogram a terminal
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _for_terminal(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _write_stdout(text: str, args=None) -> None:
+    """Write the result; on a terminal (and without --json) control characters are shown escaped. A closed pipe
+    raises _StdoutClosed; any other closed or full stdout becomes one error line instead of a traceback."""
     if sys.stdout is None:  # started with fd 1 closed
         raise OSError("cannot write the result to stdout (it is closed)")
     try:
+        if not (args is not None and args.json) and sys.stdout.isatty():
+            text = _for_terminal(text)
         sys.stdout.write(text)
         sys.stdout.flush()
     except OSError as e:
@@ -303,18 +435,77 @@ def _write_stdout(text: str) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
             pass
+        if isinstance(e, BrokenPipeError):
+            raise _StdoutClosed from None
         raise OSError(f"cannot write the result to stdout ({e.strerror or e})") from None
+
+
+class _Stderr(io.TextIOBase):
+    """sys.stderr while the CLI runs: a closed (`2>&-`) or full (`2>/dev/full`) stderr drops the progress bar,
+    notes and error lines instead of failing the run (or, when closed, sending them to stdout: print(file=None)
+    writes there). The first failed write drops everything after it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):
+                self.stream = None
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.stream = None
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream is not None and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise io.UnsupportedOperation("stderr is closed")
+        return self.stream.fileno()
+
+
+def _hold_fd2() -> None:
+    """Started with fd 2 closed: put /dev/null there, so that the next file opened (an output image, a graph) cannot
+    become fd 2 and receive what onnxruntime or Python write to stderr."""
+    try:
+        os.fstat(2)
+    except OSError:
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            if fd != 2:
+                os.dup2(fd, 2)
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def _print_result(args, out: dict) -> None:
     if args.json:
         out.pop("streamed", None)
-        _write_stdout(json.dumps(out, ensure_ascii=False) + "\n")
+        _write_stdout(json.dumps(out, ensure_ascii=False) + "\n", args)
     elif args.command == "chat":
         if not out["streamed"]:
-            _write_stdout("\n".join(out["text"]) + "\n")
+            _write_stdout("\n".join(out["text"]) + "\n", args)
     else:
-        _write_stdout("\n".join(out["images"]) + "\n")
+        _write_stdout("\n".join(out["images"]) + "\n", args)
 
 
 def _external_command(name: str, argv: list[str]) -> int:
@@ -332,10 +523,49 @@ def _note(args, text: str) -> None:
         print(f"emu3-rt: {text}", file=sys.stderr)
 
 
+def _flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """An argument error from the library names its Python parameter (`top_p must be in (0, 1]`): say the flag the
+    user typed instead (`--top-p must be in (0, 1]`). Parameters with an underscore are replaced anywhere (they
+    are never English), one-word ones only as the subject that opens the message."""
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest}
+    words = "|".join(re.escape(d) for d in sorted(flags, key=len, reverse=True) if "_" in d)
+    if words:
+        message = re.sub(rf"(?<![\w.'\"-])({words})(?![\w'\"])", lambda m: flags[m.group(1)], message)
+    m = re.match(r"(\w+)(?= (must|needs) )", message)
+    if m and m.group(1) in flags:
+        message = flags[m.group(1)] + message[m.end():]
+    return message
+
+
+def _error_line(e: BaseException, parser, command_parser) -> str:
+    from .image import ImageError
+    from .prompt import PromptError
+
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # argument errors only: a bundle's, an image's or an output's message names files and manifest keys
+    if type(e) in (ValueError, TypeError, PromptError) and not isinstance(e, ImageError):
+        message = _flag_names(message, command_parser)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:   # lives in runtime/ (emu3_rt never imports it): found through its entry point
-        return _external_command("serve", argv[1:])
+    """emu3-rt ARGV in this process: the exit code. Signal handlers and sys.stderr are restored on return."""
+    return _main(sys.argv[1:] if argv is None else argv, exiting=False)
+
+
+def _main(argv: list[str], exiting: bool) -> int:
+    _hold_fd2()
+    real_stderr = sys.stderr
+    sys.stderr = _Stderr(real_stderr)
+    try:
+        if argv[:1] == ["serve"]:   # lives in runtime/ (emu3_rt never imports it): found through its entry point
+            return _external_command("serve", argv[1:])
+        return _command(argv, exiting)
+    finally:
+        sys.stderr = real_stderr
+
+
+def _command(argv: list[str], exiting: bool) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -344,43 +574,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    restore_signals = _trap_signals()
+    trap = _SignalTrap().__enter__()
     try:
-        _check_utf8(argv)
-        from .options import random_seed
-        from .pipeline import load
-
-        started = time.perf_counter()
-        model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
-                     device_id=args.device_id, sampler=args.sampler,
-                     warm=["chat" if args.command == "chat" else "image"])
-        if args.bundle is None:
-            _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
-                        "(pass --bundle DIR for a real model)")
-        greedy = args.greedy or args.temperature == 0   # SamplingOptions.from_bundle: temperature 0 is greedy
-        seed = None if greedy else (random_seed() if args.seed in (None, -1) else args.seed)
-        if args.seed in (None, -1) and seed is not None and not args.quiet:
-            print(f"seed: {seed}", file=sys.stderr, flush=True)   # before generating: survives a failure or Ctrl-C
-        out = (run_chat if args.command == "chat" else run_generate_image)(args, model, seed)
-        seconds = time.perf_counter() - started
-        _print_result(args, out)
-        n = sum(len(t) for t in out["tokens"])
-        where = f", wrote {', '.join(out['images'])}" if "images" in out else ""
-        _note(args, f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s), seed {seed}{where}")
+        try:
+            return _generate(args, argv)
+        finally:
+            trap.stop()   # from here on a signal is dropped: the result (or the error) stands
     except KeyboardInterrupt:
         print("emu3-rt: interrupted", file=sys.stderr)
         return 130
     except _Terminated as e:
         print(f"emu3-rt: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
+    except _StdoutClosed:
+        return SIGPIPE_EXIT
     except Exception as e:  # noqa: BLE001 - the CLI owns the one-line error contract
         if args.verbose:
             traceback.print_exc()
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"emu3-rt: error: {message}", file=sys.stderr)
+        line = _error_line(e, parser, parser.chosen(args))
+        print(f"emu3-rt: error: {_for_terminal(line) if sys.stderr.isatty() else line}", file=sys.stderr)
         return 2
     finally:
-        restore_signals()
+        if not exiting:   # in-process callers get their handlers back; the program keeps dropping until it exits
+            trap.restore()
+
+
+def _generate(args, argv: list[str]) -> int:
+    _check_utf8(argv)
+    if args.command == "generate-image":
+        if args.from_image is not None:
+            _recorded_request(args)   # before loading: a file without a recorded request fails at once
+        elif not args.items:
+            raise ValueError("the following arguments are required: --prompt (or --from IMAGE)")
+    from .options import random_seed
+    from .pipeline import load
+
+    started = time.perf_counter()
+    model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
+                 device_id=args.device_id, sampler=args.sampler,
+                 warm=["chat" if args.command == "chat" else "image"])
+    if args.bundle is None:
+        _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
+                    "(pass --bundle DIR for a real model)")
+    greedy = args.greedy or args.temperature == 0   # SamplingOptions.from_bundle: temperature 0 is greedy
+    drawn = not greedy and args.seed in (None, -1)
+    seed = None if greedy else (random_seed() if drawn else args.seed)
+
+    def announce() -> None:   # once every argument is checked, before the first step: survives a failure or Ctrl-C
+        if drawn and not args.quiet:
+            print(f"seed: {seed}", file=sys.stderr, flush=True)
+
+    out = (run_chat if args.command == "chat" else run_generate_image)(args, model, seed, announce)
+    seconds = time.perf_counter() - started
+    _print_result(args, out)
+    n = sum(len(t) for t in out["tokens"])
+    where = f", wrote {', '.join(out['images'])}" if "images" in out else ""
+    _note(args, f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s), "
+                f"{'greedy' if seed is None else f'seed {seed}'}{where}")
     return 0
 
 
@@ -390,13 +640,13 @@ def run() -> None:
     process that is ending: every output is written and closed by then, stdout and stderr are flushed here.
     `serve` exits normally (Ray shuts its workers down at exit)."""
     argv = sys.argv[1:]
-    code = main(argv)
+    code = _main(argv, exiting=True)
     if argv[:1] == ["serve"]:
         raise SystemExit(code)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (AttributeError, OSError, ValueError):   # closed or None: _write_stdout already reported it
+        except (AttributeError, OSError, ValueError):   # closed, full or None: nothing more can be said there
             pass
     os._exit(code)
 

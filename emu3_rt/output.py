@@ -180,6 +180,43 @@ class ImageOutputs:
         return self.paths
 
 
+# what `generate-image --from` reads back: key -> the types a recorded value may have
+_REQUEST = {"prompt": (str,), "negative_prompt": (str, type(None)), "cfg_scale": (int, float),
+            "seed": (int, type(None)), "ratio": (str, type(None)), "image_area": (int, type(None)),
+            "grid": (list, type(None)), "bundle_sha256": (str, type(None))}
+_SAMPLING = {"greedy": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float)}
+
+
+def read_request(path: Path) -> dict:
+    """The request an image written by emu3-rt records (its `parameters` PNG chunk, or the EXIF ImageDescription of
+    a JPEG or WebP), with every value's type checked: the file may come from anywhere."""
+    from .image import load_image   # bounded: regular files only, at most MAX_IMAGE_BYTES
+
+    image = load_image(path)
+    text = (getattr(image, "text", None) or {}).get("parameters")
+    if text is None:
+        text = image.getexif().get(EXIF_IMAGE_DESCRIPTION)
+    if not text:
+        raise OutputError(f"{path}: records no request (no emu3-rt 'parameters' metadata)")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError):
+        raise OutputError(f"{path}: its recorded request is not valid JSON") from None
+    if not isinstance(meta, dict) or "prompt" not in meta or "sampling" not in meta:
+        kind = "a preview (.partial.png)" if isinstance(meta, dict) and PREVIEW_KEY in meta else "not emu3-rt's"
+        raise OutputError(f"{path}: its metadata is {kind}, not a finished image's request")
+    for fields, where in ((_REQUEST, meta), (_SAMPLING, meta["sampling"] if isinstance(meta["sampling"], dict)
+                                             else {})):
+        for key, types in fields.items():
+            value = where.get(key)
+            if key not in where and type(None) in types:
+                continue
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise OutputError(f"{path}: its recorded {key} is {json.dumps(value)[:40]}, not "
+                                  f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+    return meta
+
+
 def remove_quietly(path: Path) -> None:
     try:
         Path(path).unlink()

@@ -127,11 +127,19 @@ class Emu3:
 
     # ---- stages ----
 
-    def encode_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
-        """PIL images -> (h, w) code grids. As Emu3ImageProcessor + vqmodel.encode: one zero-padded batch, cropped."""
+    def encode_images(self, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """PIL images -> (h, w) code grids. As Emu3ImageProcessor + vqmodel.encode: one zero-padded batch, cropped.
+        names: what an image's error is prefixed with (its file), so the one of several that fails is named."""
         if not images:
             return []
-        pixels = imaging.preprocess_batch(list(images), self.image_config)       # [(3, H_i, W_i)]
+        pixels = []                                                                  # [(3, H_i, W_i)]
+        for image, name in zip(images, names or [None] * len(images)):
+            try:
+                pixels.append(imaging.preprocess(image, self.image_config))
+            except imaging.ImageError as e:
+                if name is None:
+                    raise
+                raise imaging.ImageError(f"{name}: {e}") from None
         hmax, wmax = max(p.shape[1] for p in pixels), max(p.shape[2] for p in pixels)
         batch = np.zeros((len(pixels), 3, hmax, wmax), dtype=np.float32)
         for i, p in enumerate(pixels):
@@ -195,8 +203,10 @@ class Emu3:
         max_new = as_int("max_new_tokens", max_new, 1)
         if self.bundle.logit_ids is not None:
             raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
-        per_prompt = [[open_image(x) for x in ims] for ims in per_prompt]  # paths -> images, after cheap checks
-        codes = self.encode_images([im for ims in per_prompt for im in ims])
+        sources = [x for ims in per_prompt for x in ims]
+        names = [os.fsdecode(x) if isinstance(x, (str, os.PathLike)) else f"image {k + 1}" for k, x in
+                 enumerate(sources)]
+        codes = self.encode_images([open_image(x) for x in sources], names)   # paths -> images, after cheap checks
         ids, k = [], 0
         for text, ims, turns in zip(prompts, per_prompt, histories):
             prompt = self.prompts.chat_fragments(text, len(ims) - sum(t.images for t in turns), system=system,
@@ -219,7 +229,7 @@ class Emu3:
              raw: bool = False, max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
              seed: int | Sequence[int] | None = None, on_token: Callable[[int, np.ndarray], None] | None = None,
              on_text: Callable[[int, str], None] | None = None, allow_special_tokens: bool = False,
-             history: Sequence | None = None) -> ChatResult:
+             history: Sequence | None = None, on_start: Callable[[], None] | None = None) -> ChatResult:
         """Answer one prompt or a batch. `images`: for one prompt a list of images; for a batch, a list per prompt.
         An image is a PIL image or a file path (str / os.PathLike, read with `load_image`).
 
@@ -231,12 +241,17 @@ class Emu3:
         history: the earlier turns of a conversation (emu3_rt.Turn: role, text, how many images), rendered by the
         chat template before the prompt; for a batch, one list per prompt. `images` then holds every image of the
         conversation in message order: the earlier turns' first, then the prompt's.
+        on_start() runs once every argument is checked and the inputs are encoded, before the first step (the CLI
+        prints a drawn seed there).
         """
         on_token, on_text = as_callback("on_token", on_token), as_callback("on_text", on_text)
+        on_start = as_callback("on_start", on_start)
         gen = self.start_chat(prompts, images, system=system, raw=raw, max_new_tokens=max_new_tokens,
                               sampling=sampling, seed=seed, allow_special_tokens=allow_special_tokens,
                               history=history)
         with closing(gen):
+            if on_start:
+                on_start()
             while (ids := gen.step()) is not None:
                 for row, delta in enumerate(gen.text_deltas() if on_text else ()):
                     if delta:
@@ -317,22 +332,26 @@ class Emu3:
                        seed: int | Sequence[int] | None = None,
                        on_token: Callable[[int, np.ndarray], None] | None = None,
                        on_preview: Callable[[int, int, Image.Image], None] | None = None,
-                       preview_every: int = 0, allow_special_tokens: bool = False) -> ImageResult:
+                       preview_every: int = 0, allow_special_tokens: bool = False,
+                       on_start: Callable[[], None] | None = None) -> ImageResult:
         """Draw one image per prompt. Under CFG (cfg_scale != 1) the negative prompt defaults to the bundle's.
 
         ratio is "W:H" and image_area in pixels, each one for all prompts or one per prompt (a batch may mix
         sizes: every row keeps its own grid). on_preview(row,
         rows_done, image) gets the partial image every `preview_every` grid rows (ungenerated rows grey).
         Special-token strings in the prompts stay literal text unless allow_special_tokens=True (Transformers' way).
-        seed: one int (image i draws from seed + i) or one per prompt.
+        seed: one int (image i draws from seed + i) or one per prompt. on_start() as in `chat`.
         """
         on_token, on_preview = as_callback("on_token", on_token), as_callback("on_preview", on_preview)
+        on_start = as_callback("on_start", on_start)
         preview_every = as_int("preview_every", preview_every, 0)
         gen = self.start_image(prompts, negative_prompt=negative_prompt, cfg_scale=cfg_scale, ratio=ratio,
                                image_area=image_area, sampling=sampling, seed=seed,
                                allow_special_tokens=allow_special_tokens)
         shown = [0] * gen.rows
         with closing(gen):
+            if on_start:
+                on_start()
             while (ids := gen.step()) is not None:
                 for i, rows in enumerate(gen.rows_done() if on_preview and preview_every else ()):
                     if rows > shown[i] and (rows % preview_every == 0 or rows == gen.grids[i][0]):

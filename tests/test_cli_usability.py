@@ -116,16 +116,17 @@ def test_batch_image_reproduces_alone_from_its_metadata(capsys, tmp_path):
 
 
 def test_seed_minus_one_is_random_and_printed_before_generation(capsys, tmp_path, monkeypatch):
-    import emu3_rt.pipeline as pipeline
+    from emu3_rt.generation import ImageGeneration
 
     seen = []
-    real = pipeline.Emu3.generate_image
+    real = ImageGeneration.step
 
     def spy(self, *a, **k):
-        seen.append(capsys.readouterr().err)     # what stderr held when generation started
+        if not seen:
+            seen.append(capsys.readouterr().err)     # what stderr held when the first step started
         return real(self, *a, **k)
 
-    monkeypatch.setattr(pipeline.Emu3, "generate_image", spy)
+    monkeypatch.setattr(ImageGeneration, "step", spy)
     code, out, err = cli(capsys, "generate-image", "--prompt", "x", "--seed", "-1", *FAST,
                          "-o", str(tmp_path / "x.png"), "--json")
     seed = json.loads(out)["seed"]
@@ -153,7 +154,7 @@ def test_unknown_extension_is_refused_before_generation(capsys, tmp_path):
 def test_negative_prompt_without_cfg_is_refused(capsys, tmp_path):
     code, out, err = cli(capsys, "generate-image", "--prompt", "x", "--negative-prompt", "blurry", "--cfg-scale", "1",
                          *FAST, "-o", str(tmp_path / "x.png"), "-q")
-    assert code == 2 and "negative_prompt needs classifier-free guidance" in err
+    assert code == 2 and "--negative-prompt needs classifier-free guidance: --cfg-scale is 1" in err
 
 
 def test_summary_line_and_tiny_bundle_note(capsys, tmp_path):

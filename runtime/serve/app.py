@@ -97,8 +97,10 @@ class Emu3Service:
 
     def __init__(self, bundle: str | None = None, engine: str = "ort", device: str = "cpu", threads: int = 0,
                  verify: bool = False, max_batch_rows: int = 8, batch_wait_s: float = 0.05,
-                 max_concurrent_batches: int = 2, batching: bool = True):
-        self.model = emu3_rt.load(bundle, engine=engine, device=device, threads=threads, verify=verify)
+                 max_concurrent_batches: int = 2, batching: bool = True, device_id: int = 0,
+                 sampler: str | None = None):
+        self.model = emu3_rt.load(bundle, engine=engine, device=device, threads=threads, verify=verify,
+                                  device_id=device_id, sampler=sampler)
         self.stats = Stats()
         # rows (images or answers) one generation may hold; a request asking for more gets 400
         self.max_rows = as_int("max_batch_rows", max_batch_rows, 1)

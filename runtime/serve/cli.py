@@ -16,16 +16,12 @@ import signal
 import sys
 import threading
 
-from emu3_rt.cli import int_in, number, tool_parser
+from emu3_rt.cli import add_bundle_options, int_in, number, tool_parser
 
 
 def build_parser():
     ap = tool_parser("emu3-rt serve", __doc__)
-    ap.add_argument("--bundle", default=None, metavar="DIR",
-                    help="bundle directory (default: the embedded tiny bundle)")
-    ap.add_argument("--engine", choices=("ort", "trt"), default="ort", help="inference engine")
-    ap.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="onnxruntime device")
-    ap.add_argument("--threads", type=int_in(0), default=0, help="onnxruntime threads per replica (0: its choice)")
+    add_bundle_options(ap, threads_help="intra-op threads per replica")   # as chat and generate-image have them
     ap.add_argument("--host", default="127.0.0.1",
                     help="address the HTTP proxy listens on, and with a Ray of its own, Ray's processes too where "
                          "Ray allows it (see the README; 0.0.0.0: every interface; the API has no authentication)")
@@ -104,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
             max_queued_requests=args.max_queued_requests,
             ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
-        ).bind(bundle=args.bundle, engine=args.engine, device=args.device, threads=args.threads,
+        ).bind(bundle=args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
+               device_id=args.device_id, sampler=args.sampler,
                max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait, batching=not args.no_batching)
         deployed = True
         serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
