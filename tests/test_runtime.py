@@ -165,10 +165,10 @@ def test_cli_temperature_zero_is_greedy(tmp_path, command):
 
 @pytest.mark.parametrize("argv,needle", [
     (["generate-image", "--prompt", "x", "--top-k", "0"], "--top-k"),
-    (["generate-image", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+    (["generate-image", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate-image", "--prompt", "x", "--temperature", "-1"], "temperature"),
-    (["generate-image", "--prompt", "x", "--cfg-scale", "-2"], "cfg_scale"),
-    (["generate-image", "--prompt", "x", "--cfg-scale", "nan"], "cfg_scale"),
+    (["generate-image", "--prompt", "x", "--cfg-scale", "-2"], "--cfg-scale"),
+    (["generate-image", "--prompt", "x", "--cfg-scale", "nan"], "--cfg-scale"),
     (["generate-image", "--prompt", "x", "--ratio", "wide"], "ratio"),
     (["generate-image", "--prompt", "x", "--ratio", "0:1"], "ratio"),
     (["generate-image", "--prompt", "x", "--image-area", "100000000"], "context"),
