@@ -190,7 +190,7 @@ _SAMPLING = {"greedy": (bool,), "temperature": (int, float), "top_k": (int,), "t
 def read_request(path: Path) -> dict:
     """The request an image written by emu3-rt records (its `parameters` PNG chunk, or the EXIF ImageDescription of
     a JPEG or WebP), with every value's type checked: the file may come from anywhere."""
-    from .image import load_image   # bounded: regular files only, at most MAX_IMAGE_BYTES
+    from .image import load_image  # bounded: regular files only, at most MAX_IMAGE_BYTES
 
     image = load_image(path)
     text = (getattr(image, "text", None) or {}).get("parameters")

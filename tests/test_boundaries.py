@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, TINY_BUNDLE
 
-FORBIDDEN = ("torch", "transformers", "onnx", "export", "runtime")
+FORBIDDEN = ("torch", "transformers", "onnx", "export", "emu3_export", "runtime")
 
 
 def test_import_emu3_rt_pulls_no_torch():
@@ -26,6 +27,8 @@ def test_import_emu3_rt_pulls_no_torch():
 
 @pytest.mark.parametrize("tool,args", [("ruff", ["check", "."]), ("lint-imports", [])])
 def test_lint(tool, args):
-    exe = shutil.which(tool) or str(REPO / ".venv" / "bin" / tool)
+    # the running interpreter's own venv first: its python may be run without activating the venv
+    beside = Path(sys.executable).with_name(tool)
+    exe = str(beside) if beside.is_file() else shutil.which(tool) or str(REPO / ".venv" / "bin" / tool)
     r = subprocess.run([exe, *args], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

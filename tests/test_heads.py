@@ -253,6 +253,7 @@ def test_share_weights_stores_common_tensors_once(tmp_path):
 def test_share_weights_dedupes_by_content_across_names(tmp_path, monkeypatch):
     """With every tensor external, the body weights (named a/b and w0/w1) are stored once."""
     ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")   # export.shared_weights rewrites the graphs with onnx (the export extra)
     import export.shared_weights as sw
 
     monkeypatch.setattr(sw, "MIN_EXTERNAL", 1)
