@@ -306,15 +306,21 @@ def _recorded_request(args) -> None:
     meta = read_request(args.from_image)
     if not args.items:
         args.items = [("prompt", meta["prompt"])]
-    for dest in ("negative_prompt", "cfg_scale", "image_area"):
+    # the recorded negative prompt is the one CFG used: not for a run that turns CFG off with --cfg-scale 1
+    if args.negative_prompt is None and args.cfg_scale != 1:
+        args.negative_prompt = meta.get("negative_prompt")
+    for dest in ("cfg_scale", "image_area"):
         if getattr(args, dest) is None:
             setattr(args, dest, meta.get(dest))
     if args.ratio is None and meta.get("ratio") is not None:
         args.ratio = [meta["ratio"]]
-    sampling = meta["sampling"]
-    if not args.greedy and args.temperature is args.top_k is args.top_p is None:
-        args.greedy = sampling["greedy"]
-        args.temperature, args.top_k, args.top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
+    if not args.greedy:   # a sampling option given asks for sampling; the others keep their recorded values
+        sampling = meta["sampling"]
+        given = any(getattr(args, k) is not None for k in ("temperature", "top_k", "top_p"))
+        for key in ("temperature", "top_k", "top_p"):
+            if getattr(args, key) is None:
+                setattr(args, key, sampling[key])
+        args.greedy = sampling["greedy"] and not given
     if args.seed is None and meta["seed"] is not None:
         args.seed = meta["seed"]
     args.recorded = meta

@@ -360,3 +360,20 @@ def test_signals_during_cleanup_are_dropped(capsys, tmp_path, monkeypatch):
     assert code == 143 and err == "emu3-rt: terminated by SIGTERM\n", err
     assert list(tmp_path.iterdir()) == [], "no preview, temp file or image left behind"
     assert {s: signal.getsignal(s) for s in previous} == previous, "handlers restored for an in-process caller"
+
+
+def test_from_with_options_keeps_the_rest_of_the_request(capsys, tmp_path):
+    code, out, err = cli(capsys, "generate-image", "--prompt", "x", "--seed", "3", "--top-k", "50", *FAST,
+                         "-o", str(tmp_path / "a.png"), "-q")
+    assert code == 0, err
+    recorded = _params(tmp_path / "a.png")
+    # CFG turned off: the recorded negative prompt (CFG's) is not carried into a run without CFG
+    code, out, err = cli(capsys, "generate-image", "--from", str(tmp_path / "a.png"), "--cfg-scale", "1",
+                         "-o", str(tmp_path / "b.png"), "-q")
+    assert code == 0, err
+    assert _params(tmp_path / "b.png") == {**recorded, "cfg_scale": 1.0, "negative_prompt": None}
+    # one sampling option given: the others keep their recorded values
+    code, out, err = cli(capsys, "generate-image", "--from", str(tmp_path / "a.png"), "--temperature", "0.5",
+                         "-o", str(tmp_path / "c.png"), "-q")
+    assert code == 0, err
+    assert _params(tmp_path / "c.png")["sampling"] == {**recorded["sampling"], "temperature": 0.5}
