@@ -6,6 +6,7 @@ and turned into Python ints and floats, so options stay JSON-serialisable for th
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -22,24 +23,36 @@ def kind(value) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def shown(value) -> str:
+    """A number for a one-line message: a huge int (10**400) by its size, not its 400 digits."""
+    return f"a {value.bit_length()}-bit number" if isinstance(value, int) and abs(value) >= 10**18 else str(value)
+
+
 def as_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {kind(value)}")
     value = int(value)
     if hi is not None and not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {shown(value)}")
     if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
+        raise ValueError(f"{name} must be >= {lo}, got {shown(value)}")
     return value
 
 
-def as_real(name: str, value) -> float:
+def as_real(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite float (NaN and infinities are refused everywhere: a NaN slips through every `<` check), within
+    [lo, hi] when given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {kind(value)}")
     try:
-        return float(value)
+        x = float(value)
     except OverflowError:  # an int past float range (10**400)
         raise ValueError(f"{name} is out of float range") from None
+    if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+        bound = f" in [{lo}, {hi}]" if lo is not None and hi is not None else \
+            f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {x}")
+    return x
 
 
 def as_flag(name: str, value) -> bool:
@@ -92,11 +105,12 @@ def as_prompts(value) -> list[str]:
 
 
 def is_image_like(value) -> bool:
-    return isinstance(value, (Image.Image, str, os.PathLike))
+    return isinstance(value, (Image.Image, imaging.ImageFile, str, os.PathLike))
 
 
 def image_lists(images, n: int) -> list[list]:
-    """`images` of chat -> one list per prompt of PIL images or paths (str / os.PathLike), types checked only.
+    """`images` of chat -> one list per prompt of PIL images, ImageFiles or paths (str / os.PathLike), types
+    checked only.
 
     One prompt: None, one image or path, or a sequence of them. A batch: None, or one entry per prompt, each
     None, one image or path, or a sequence of them.
@@ -146,5 +160,6 @@ def history_lists(history, n: int) -> list[tuple[Turn, ...]]:
     return [one(x) for x in history]
 
 
-def open_image(x) -> Image.Image:
-    return x if isinstance(x, Image.Image) else imaging.load_image(x)
+def open_image(x) -> Image.Image | imaging.ImageFile:
+    """A path read into an ImageFile (header checked, not decoded); PIL images and ImageFiles as they are."""
+    return x if isinstance(x, (Image.Image, imaging.ImageFile)) else imaging.read_image(x)

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -109,10 +110,28 @@ def _threads(text: str) -> int:
 
 
 def number(text: str) -> float:
+    """An argparse type for finite numbers: nan, inf and 1e999 are refused here, before any range check they
+    would slip through (every comparison with NaN is false)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def number_in(low: float, high: float | None = None):
+    """An argparse type for finite numbers in [low, high]."""
+
+    def parse(text: str) -> float:
+        value = number(text)
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value:g}")
+        return value
+
+    return parse
 
 
 def invoked_as(prog: str) -> str:

@@ -25,6 +25,12 @@ class ImageError(ValueError):
 
 # the largest image file load_image reads (compressed size; Pillow's pixel limit guards the decoded size)
 MAX_IMAGE_BYTES = 256 << 20
+# the raster formats an image for Emu3 comes in; Pillow never tries its other plugins (EPS hands the file to
+# Ghostscript; PSD, FITS, PCX, ... are attack surface nobody feeds a VQ encoder)
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# decoded pixels one prompt's images may hold in all, read from their headers before anything is decoded (one
+# image alone: Pillow's MAX_IMAGE_PIXELS); decoding is one image at a time, so memory peaks at one image
+MAX_PROMPT_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     I;16/I/F saturate to 0..255 and truncate, 1 -> 0/255, RGBa un-premultiplies).
     """
     try:
+        if img.mode == "RGB" and img.info.get("transparency") is None:
+            img.load()
+            return img  # convert("RGB") would copy the same pixels: a second full-size image in memory
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -116,9 +125,32 @@ def preprocess(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))     # (3, H, W)
 
 
-def preprocess_batch(images: list[Image.Image], cfg: ImageConfig) -> list[np.ndarray]:
-    """One (3, H_i, W_i) array per image, unpadded (transformers zero-pads bottom/right to the batch max)."""
-    return [preprocess(im, cfg) for im in images]
+def preprocess_batch(images: list, cfg: ImageConfig, names: list[str] | None = None) -> list[np.ndarray]:
+    """One (3, H_i, W_i) array per image (a PIL image or an ImageFile), unpadded (transformers zero-pads
+    bottom/right to the batch max). ImageFiles are decoded one at a time and each full-size image is dropped as
+    soon as it is resized, so memory peaks at one decoded image; the heap is then given back to the system. An
+    object given twice (a request's images on each of its n rows) is processed once. names: what an image's
+    error is prefixed with, unless it names its file already."""
+    done: dict[int, np.ndarray] = {}
+    decoded = 0
+    try:
+        for i, im in enumerate(images):
+            if id(im) in done:
+                continue
+            try:
+                if isinstance(im, ImageFile):
+                    decoded += im.pixels
+                    done[id(im)] = preprocess(im.decode(), cfg)
+                else:
+                    done[id(im)] = preprocess(im, cfg)
+            except ImageError as e:
+                if names is None or str(e).startswith(f"{names[i]}:"):
+                    raise
+                raise ImageError(f"{names[i]}: {e}") from None
+        return [done[id(im)] for im in images]
+    finally:
+        if decoded >= _TRIM_PIXELS:
+            give_back_memory()
 
 
 def postprocess(pixels: np.ndarray, cfg: ImageConfig) -> list[Image.Image]:
@@ -177,13 +209,70 @@ def _read_regular_file(path: str | os.PathLike, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def load_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Read and fully decode an image file (or bytes); every failure is one ImageError line naming the file.
+# decoding at least this many pixels in one call hands the freed heap back (glibc keeps large freed blocks)
+_TRIM_PIXELS = 4_000_000
 
-    Only regular files of at most MAX_IMAGE_BYTES are read (a FIFO or /dev/zero is refused, never waited on).
-    Pillow's decompression-bomb guard stays on and its warning (over Image.MAX_IMAGE_PIXELS) counts as an error.
-    EXIF orientation is not applied, as transformers does not apply it.
-    """
+
+def give_back_memory() -> None:
+    """Return freed heap to the system. glibc raises its mmap threshold after the first large free, so the next
+    decoded images land on the heap and stay there once freed: without this a replica that decoded six 9000x9000
+    PNGs kept 1.6 GB. A no-op where the C library has no malloc_trim."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFile:
+    """An image file's bytes with its header read and checked (a format of FORMATS, its size within Pillow's
+    bomb limit), not decoded: what `read_image` returns and chat accepts like a path. Pixel limits can be
+    checked from `pixels` before anything is decoded; `decode()` gives the PIL image."""
+    name: str
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode(self) -> Image.Image:
+        return _open(self.data, self.name, (self.format,), load=True)
+
+
+def _open(data: bytes, name: str, formats, load: bool) -> Image.Image:
+    """Image.open over the bytes with only `formats` tried; with load, decoded too. Failures: one ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=formats)
+            if load:
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: refused as a decompression bomb ({_one_line(e)})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image in a format this runtime reads ({', '.join(FORMATS)}), or its "
+                         f"header is corrupt") from None
+    except Exception as e:  # untrusted bytes: Pillow's decoders raise many exception types on corrupt input
+        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
+    return img
+
+
+def read_image(source: str | os.PathLike | bytes) -> ImageFile:
+    """Read an image file (or bytes) and check its header, decoding nothing: an ImageFile. Only regular files of at
+    most MAX_IMAGE_BYTES are read (a FIFO or /dev/zero is refused, never waited on); only FORMATS are recognised;
+    Pillow's decompression-bomb guard is applied to the header's size (its warning counts as an error)."""
     if isinstance(source, (bytes, bytearray)):
         name, data = "<bytes>", bytes(source)
         if len(data) > MAX_IMAGE_BYTES:
@@ -195,15 +284,32 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         raise TypeError(f"image source must be a path or bytes, got {type(source).__name__}")
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes), not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: refused as a decompression bomb ({_one_line(e)})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read (unknown format or corrupt header)") from None
-    except Exception as e:  # untrusted bytes: Pillow's decoders raise many exception types on corrupt input
-        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
-    return img
+    with _open(data, name, FORMATS, load=False) as img:
+        return ImageFile(name, data, img.format, *img.size)
+
+
+def check_pixels(images: list, where: str = "one prompt") -> None:
+    """Refuse images whose decoded pixels together pass MAX_PROMPT_PIXELS, from their headers (ImageFiles; a PIL
+    image is decoded already and costs nothing more)."""
+    total = sum(im.pixels for im in images if isinstance(im, ImageFile))
+    if total > MAX_PROMPT_PIXELS:
+        raise ImageError(f"the images of {where} hold {total / 1e6:.1f} megapixels; at most "
+                         f"{MAX_PROMPT_PIXELS / 1e6:.0f} are decoded per prompt (send them smaller)")
+
+
+def min_codes(cfg: ImageConfig) -> int:
+    """The fewest VQ codes smart_resize can give any image: its area is at least min_pixels, or at least a quarter of
+    max_pixels when scaled down (flooring keeps at least half of each side), in cells of spatial_factor²."""
+    area = min(cfg.min_pixels, cfg.max_pixels // 4)
+    return max(1, -(-area // cfg.spatial_factor ** 2))
+
+
+def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Read and fully decode an image file (or bytes); every failure is one ImageError line naming the file.
+
+    Only regular files of at most MAX_IMAGE_BYTES are read (a FIFO or /dev/zero is refused, never waited on), and
+    only the raster formats in FORMATS are recognised (no EPS: Pillow would hand it to Ghostscript).
+    Pillow's decompression-bomb guard stays on and its warning (over Image.MAX_IMAGE_PIXELS) counts as an error.
+    EXIF orientation is not applied, as transformers does not apply it.
+    """
+    return read_image(source).decode()

@@ -34,6 +34,7 @@ from .argcheck import (
     image_lists,
     kind,
     open_image,
+    shown,
 )
 from .bundle import Bundle, BundleError, load_bundle
 from .engines import Engine, OrtEngine, OrtOptions
@@ -125,21 +126,43 @@ class Emu3:
             raise ValueError("the bundle's visual head does not score every id image generation needs")
         return cols if np.ndim(ids) else int(cols)
 
+    @property
+    def max_image_area(self) -> int:
+        """The largest image_area that could fit the context: Emu3's grid (h, w) rounds area / spatial_factor² codes
+        per side, and a non-empty rounding keeps at least half of each side, so a larger area needs h*w >= area /
+        (4 * spatial_factor²) > context_length positions. Checked before the grid is computed (10**400 is no float)."""
+        return 4 * self.bundle.context_length * self.bundle.spatial_factor ** 2
+
+    def check_image_area(self, area: int) -> int:
+        area = as_int("image_area", area, 1)
+        if area > self.max_image_area:
+            raise PromptError(f"image_area must be at most {self.max_image_area} (a larger image cannot fit the "
+                              f"model's {self.bundle.context_length}-position context), got {shown(area)}")
+        return area
+
     # ---- stages ----
 
-    def encode_images(self, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> list[np.ndarray]:
-        """PIL images -> (h, w) code grids. As Emu3ImageProcessor + vqmodel.encode: one zero-padded batch, cropped.
-        names: what an image's error is prefixed with (its file), so the one of several that fails is named."""
+    @property
+    def max_images(self) -> int:
+        """The most images one chat prompt can hold: each takes at least min_codes + one EOL + 5 control and size
+        tokens (BOI, "h*w", IMG, EOF, EOI) of the context, after BOS and with room for one answer token."""
+        return max(0, (self.bundle.context_length - 2) // (imaging.min_codes(self.image_config) + 6))
+
+    def check_images(self, images: Sequence) -> None:
+        """One prompt's images (PIL images or ImageFiles) against the limits, before any is decoded: their count
+        against the context (max_images) and their decoded pixels (image.MAX_PROMPT_PIXELS, from the headers)."""
+        if len(images) > self.max_images:
+            raise PromptError(f"{len(images)} images in one prompt; the model's {self.bundle.context_length}-position "
+                              f"context holds at most {self.max_images}")
+        imaging.check_pixels(list(images))
+
+    def encode_images(self, images: Sequence, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """PIL images or ImageFiles -> (h, w) code grids. As Emu3ImageProcessor + vqmodel.encode: one zero-padded
+        batch, cropped. ImageFiles are decoded here, one at a time (image.preprocess_batch). names: what an image's
+        error is prefixed with (its file), so the one of several that fails is named."""
         if not images:
             return []
-        pixels = []                                                                  # [(3, H_i, W_i)]
-        for image, name in zip(images, names or [None] * len(images)):
-            try:
-                pixels.append(imaging.preprocess(image, self.image_config))
-            except imaging.ImageError as e:
-                if name is None:
-                    raise
-                raise imaging.ImageError(f"{name}: {e}") from None
+        pixels = imaging.preprocess_batch(list(images), self.image_config, names)      # [(3, H_i, W_i)]
         hmax, wmax = max(p.shape[1] for p in pixels), max(p.shape[2] for p in pixels)
         batch = np.zeros((len(pixels), 3, hmax, wmax), dtype=np.float32)
         for i, p in enumerate(pixels):
@@ -203,10 +226,20 @@ class Emu3:
         max_new = as_int("max_new_tokens", max_new, 1)
         if self.bundle.logit_ids is not None:
             raise ValueError("this bundle was exported with --head visual: it generates images only, not text")
+        # lengths, then image counts: nothing is tokenized or read for what cannot fit
+        for text, turns in zip(prompts, histories):
+            self.prompts.check_length(text, system or "", *(t.text for t in turns),
+                                      name="the conversation" if turns else "the prompt")
+        for ims in per_prompt:
+            if len(ims) > self.max_images:
+                self.check_images(ims)
         sources = [x for ims in per_prompt for x in ims]
         names = [os.fsdecode(x) if isinstance(x, (str, os.PathLike)) else f"image {k + 1}" for k, x in
                  enumerate(sources)]
-        codes = self.encode_images([open_image(x) for x in sources], names)   # paths -> images, after cheap checks
+        per_prompt = [[open_image(x) for x in ims] for ims in per_prompt]  # paths -> ImageFiles: headers only
+        for ims in per_prompt:
+            self.check_images(ims)
+        codes = self.encode_images([im for ims in per_prompt for im in ims], names)
         ids, k = [], 0
         for text, ims, turns in zip(prompts, per_prompt, histories):
             prompt = self.prompts.chat_fragments(text, len(ims) - sum(t.images for t in turns), system=system,
@@ -270,7 +303,7 @@ class Emu3:
         `generate_image` runs it to the end. Arguments as `generate_image`."""
         prompts = as_prompts(prompts)
         negative_prompt = as_text("negative_prompt", negative_prompt)
-        cfg_scale = None if cfg_scale is None else as_real("cfg_scale", cfg_scale)
+        cfg_scale = None if cfg_scale is None else as_real("cfg_scale", cfg_scale, 0)
         if ratio is not None and not as_texts("ratio", ratio):
             raise ValueError("ratio must be a \"W:H\" string or a non-empty sequence of them, got an empty one")
         areas = _per_prompt("image_area", image_area, len(prompts))
@@ -285,7 +318,7 @@ class Emu3:
             ratios *= len(prompts)
         if len(ratios) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(ratios)} ratios")
-        areas = areas or [s["image_area"]] * len(prompts)
+        areas = [self.check_image_area(a) for a in areas or [s["image_area"]] * len(prompts)]
         grids = [calculate_generate_size(r, a, self.bundle.spatial_factor) for r, a in zip(ratios, areas)]
         if min(w for _, w in grids) < 3:
             # Emu3's rule tests "end of row" first, so with w + 1 = 2 or 3 the EOI or EOS slot becomes an EOL
@@ -297,6 +330,10 @@ class Emu3:
             raise ValueError("negative_prompt needs classifier-free guidance: cfg_scale is 1, so it would be ignored")
         negative = (negative_prompt if negative_prompt is not None else s["negative_prompt"]) if use_cfg else None
 
+        for text in prompts:
+            self.prompts.check_length(text)
+        if negative is not None:
+            self.prompts.check_length(negative, name="the negative prompt")
         encode = lambda text, h, w: self.prompts.encode_image_prompt(text, h, w, allow_special_tokens)  # noqa: E731
         cond = [encode(p, h, w) for p, (h, w) in zip(prompts, grids)]
         uncond = [encode(negative, h, w) for h, w in grids] if use_cfg else None

@@ -142,8 +142,28 @@ class PromptEncoder:
         self.tokenizer, self._specials, self._max_chars = load_tokenizer(bundle)
         self._template = None
         self._literal_tokenizer = None
+        self._max_chars: int | None = None
 
     # text
+
+    @property
+    def max_chars(self) -> int:
+        """The most characters a prompt can have and still fit the context: context_length tokens of at most the
+        longest token's length each, x4 for a normalizer that composes characters (NFC joins at most 4 code points
+        into one). A user character is at least one byte, and the vetted pre-tokenizers drop no text."""
+        if self._max_chars is None:
+            longest = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+            self._max_chars = self.bundle.context_length * max(longest, 1) * 4
+        return self._max_chars
+
+    def check_length(self, *texts: str, name: str = "the prompt") -> None:
+        """Refuse, before it is tokenized, a prompt (the texts that go into it: message, system, earlier turns) too
+        long for the context whatever its tokens: a 20 MB prompt would otherwise hold the tokenizer (and the GIL)
+        for many seconds only to be refused after."""
+        size = sum(map(len, texts))
+        if size > self.max_chars:
+            raise PromptError(f"{name} is {size} characters; the model's {self.bundle.context_length}-position "
+                              f"context cannot hold more than {self.max_chars} (checked before tokenizing)")
 
     def encode_text(self, text: str) -> list[int]:
         """Trusted text (our own control strings included): special-token strings become their ids."""

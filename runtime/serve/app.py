@@ -14,7 +14,6 @@ its job gone; a generation whose clients have all left is cancelled.
 import asyncio
 import contextlib
 import inspect
-import json
 import os
 
 from fastapi import FastAPI, Request
@@ -30,8 +29,15 @@ from . import protocol
 from .batcher import Stats, batch_rows, drive
 from .protocol import SSE_DONE, Job, RequestError, sse
 
-# request bodies above this are refused (413) before they are parsed; one image inside is bounded by emu3_rt
+# request bodies above this are refused (413) as soon as the running count of received bytes passes it, with or
+# without Content-Length (chunked): nothing past it is kept. One image inside is bounded by emu3_rt
 MAX_BODY_BYTES = 64 << 20
+# a request body must have arrived within this many seconds of its handler starting to read it (408 otherwise): a
+# request holds one of the replica's max_ongoing_requests slots while its body trickles in
+BODY_TIMEOUT_S = 30.0
+MAX_BODY_TIMEOUT_S = 3600.0
+# batch_wait_s above this would hold every batch's first request that long
+MAX_BATCH_WAIT_S = 60.0
 
 api = FastAPI(title="emu3-rt", version=emu3_rt.__version__,
               description="Emu3 text-to-image and chat from an exported bundle, OpenAI-shaped.")
@@ -61,6 +67,23 @@ async def _validation_error(request: Request, e: RequestValidationError):
 @api.exception_handler(Exception)
 async def _server_error(request: Request, e: Exception):
     return _error(e if isinstance(e, RuntimeError) else RuntimeError(f"internal error ({type(e).__name__})"))
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, read as it streams in with a running count: _TooLarge as soon as it passes `limit` (a
+    declared Content-Length over it: before anything is read), TimeoutError if it has not all arrived within
+    timeout_s."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _TooLarge()
+    body, size = bytearray(), 0
+    async with asyncio.timeout(timeout_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge()
+            body += chunk
+    return bytes(body)
 
 
 
@@ -98,14 +121,16 @@ class Emu3Service:
     def __init__(self, bundle: str | None = None, engine: str = "ort", device: str = "cpu", threads: int = 0,
                  verify: bool = False, max_batch_rows: int = 8, batch_wait_s: float = 0.05,
                  max_concurrent_batches: int = 2, batching: bool = True, device_id: int = 0,
-                 sampler: str | None = None):
+                 sampler: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S):
+        # the arguments first: a bad one fails in one line before the bundle loads
+        wait = as_real("batch_wait_s", batch_wait_s, 0, MAX_BATCH_WAIT_S)
+        self.body_timeout_s = as_real("body_timeout_s", body_timeout_s, 0.001, MAX_BODY_TIMEOUT_S)
+        concurrent = as_int("max_concurrent_batches", max_concurrent_batches, 1)
+        # rows (images or answers) one generation may hold; a request asking for more gets 400
+        self.max_rows = as_int("max_batch_rows", max_batch_rows, 1)
         self.model = emu3_rt.load(bundle, engine=engine, device=device, threads=threads, verify=verify,
                                   device_id=device_id, sampler=sampler)
         self.stats = Stats()
-        # rows (images or answers) one generation may hold; a request asking for more gets 400
-        self.max_rows = as_int("max_batch_rows", max_batch_rows, 1)
-        wait, concurrent = as_real("batch_wait_s", batch_wait_s), as_int("max_concurrent_batches",
-                                                                         max_concurrent_batches, 1)
         self.batches = {task: self._batch_queue(wait, concurrent) for task in ("image", "chat")} \
             if as_flag("batching", batching) else None
 
@@ -135,24 +160,20 @@ class Emu3Service:
         finally:
             job.gone = True
 
-    async def _json(self, request: Request):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise _TooLarge()
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise _TooLarge()
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})") from None
-
     async def _submit(self, request: Request, parse):
         """Parse and queue a request: (job, its events) once its generation started, or an error response."""
         try:
-            job = await asyncio.to_thread(parse, await self._json(request), self.model, self.max_rows)
+            body = await read_body(request, MAX_BODY_BYTES, self.body_timeout_s)
+            job = await asyncio.to_thread(protocol.parse_request, body, parse, self.model, self.max_rows)
         except _TooLarge:
+            # Connection: close: the rest of the upload is not read (the server drops the connection)
             return None, JSONResponse(protocol.error_body(RequestError(
-                f"the request body is over {MAX_BODY_BYTES >> 20} MiB")), status_code=413)
+                f"the request body is over {MAX_BODY_BYTES >> 20} MiB")), status_code=413,
+                headers={"Connection": "close"})
+        except TimeoutError:
+            return None, JSONResponse(protocol.error_body(RequestError(
+                f"the request body did not arrive within {self.body_timeout_s:g} s")), status_code=408,
+                headers={"Connection": "close"})
         except Exception as e:  # noqa: BLE001 - a bad request: 400 with emu3_rt's one-line message
             return None, _error(e)
         events = self._events(job)
@@ -166,6 +187,8 @@ class Emu3Service:
 
     @api.get("/healthz")
     def healthz(self) -> dict:
+        # answered here only where the Health application is not mounted at /healthz (it is by emu3-rt serve and
+        # config.yaml): this route waits for a request slot like any other
         return {"status": "ok", "model": protocol.model_id(self.model)}
 
     @api.get("/v1/models")
@@ -276,6 +299,33 @@ class Emu3Service:
         finally:
             job.gone = True
             await events.aclose()
+
+
+@serve.deployment(name="Health", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+class Health:
+    """GET /healthz as its own application, mounted at route prefix /healthz beside the model's: its own replica
+    and request slots, so clients holding every slot of the model's replicas (slow uploads, long generations, a
+    full queue) never delay it. It asks Serve's controller, not a model replica: 200 while the model application
+    is RUNNING (its replicas pass Serve's health checks), else 503 with the application's status."""
+
+    def __init__(self, app: str = "emu3", bundle: str | None = None):
+        from emu3_rt.pipeline import DEFAULT_BUNDLE
+
+        self.app = app
+        self.model = emu3_rt.load_bundle(DEFAULT_BUNDLE if bundle is None else bundle).root.name
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        status = (await asyncio.to_thread(serve.status)).applications.get(self.app)
+        state = str(status.status.value if status is not None else "NOT_STARTED")
+        ok = state == "RUNNING"
+        return JSONResponse({"status": "ok" if ok else state.lower(), "model": self.model},
+                            status_code=200 if ok else 503)
+
+
+def build_health(args: dict | None = None):
+    """The /healthz application of runtime/serve/config.yaml: `args` are Health's (app: the model application's
+    name, bundle: the model's bundle, for the id it reports)."""
+    return Health.bind(**dict(args or {}))
 
 
 def build_app(args: dict | None = None):

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from emu3_rt.cli import add_bundle_options, int_in, number, tool_parser
+from emu3_rt.cli import add_bundle_options, int_in, number_in, tool_parser
 
 
 def build_parser():
@@ -27,13 +27,15 @@ def build_parser():
                          "Ray allows it (see the README; 0.0.0.0: every interface; the API has no authentication)")
     ap.add_argument("--port", type=int_in(1, 65535), default=8000, help="HTTP port")
     ap.add_argument("--replicas", type=int_in(1), default=1, help="replicas, each loading the bundle once")
-    ap.add_argument("--replica-cpus", type=number, default=1.0, help="CPUs Ray reserves per replica")
-    ap.add_argument("--replica-gpus", type=number, default=0.0, help="GPUs Ray reserves per replica (1 with "
+    ap.add_argument("--replica-cpus", type=number_in(0), default=1.0, help="CPUs Ray reserves per replica")
+    ap.add_argument("--replica-gpus", type=number_in(0), default=0.0, help="GPUs Ray reserves per replica (1 with "
                                                                      "--device cuda)")
     ap.add_argument("--max-batch-rows", type=int_in(1), default=8,
                     help="images or answers one batched generation may hold (a request's n is at most this)")
-    ap.add_argument("--batch-wait", type=number, default=0.05,
+    ap.add_argument("--batch-wait", type=number_in(0, 60), default=0.05,
                     help="seconds a batch waits for more requests after its first one")
+    ap.add_argument("--body-timeout", type=number_in(0.001, 3600), default=30.0,
+                    help="seconds a request body may take to arrive (408 after; a trickling upload holds a slot)")
     ap.add_argument("--no-batching", action="store_true", help="run every request as its own generation")
     ap.add_argument("--max-ongoing-requests", type=int_in(1), default=32,
                     help="requests one replica holds at once (running or in its batch queue)")
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from ray import serve
 
-        from .app import Emu3Service
+        from .app import Emu3Service, Health
+        from .proxy import CALLBACK as PROXY_CALLBACK
+        from .proxy import ENV as PROXY_ENV
     except ImportError as e:
         print(f"emu3-rt serve: error: {e.msg}; install the serve extra: pip install -e '.[cpu,serve]'",
               file=sys.stderr)
@@ -86,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     _watch_start_up(serving, handled, caught)
     deployed = False
     try:
+        if own:   # Serve's proxy (a process Ray spawns with this environment) stops reading a body past the limit
+            os.environ.setdefault(PROXY_ENV, PROXY_CALLBACK)
         # address "local": a new Ray of our own even when RAY_ADDRESS is set or `ray start` ran on this machine
         ray.init(address="local" if own else args.address, include_dashboard=False if own else None,
                  log_to_driver=True, **ray_options)
         # ray.init installs its own SIGTERM handler (sys.exit): ours shuts down cleanly
         for s in previous:
             signal.signal(s, on_signal)
-        if not own and args.app_name in serve.status().applications:
+        if not own and {args.app_name, _health_name(args)} & set(serve.status().applications):
             raise RuntimeError(f"the cluster already runs a Serve application named {args.app_name!r}; pick another "
                                f"with --app-name (and --route-prefix)")
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -102,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         ).bind(bundle=args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
                device_id=args.device_id, sampler=args.sampler,
-               max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait, batching=not args.no_batching)
+               max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait, batching=not args.no_batching,
+               body_timeout_s=args.body_timeout)
         deployed = True
         serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
+        # /healthz from an application of its own: it never waits behind the model's request slots
+        serve.run(Health.bind(app=args.app_name, bundle=args.bundle), name=_health_name(args),
+                  route_prefix=f"{args.route_prefix.rstrip('/')}/healthz")
         serving.set()
         where = "a local Ray of its own" if own else f"the Ray cluster at {args.address}"
         print(f"emu3-rt serve: http://{args.host}:{args.port}{args.route_prefix.rstrip('/')} ({args.replicas} "
@@ -129,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
                     serve.shutdown()
                 elif deployed:   # someone else's cluster: remove our application only, never their Serve
                     serve.delete(args.app_name)
+                    serve.delete(_health_name(args))
                 ray.shutdown()   # stops the Ray we started; only disconnects from a cluster we joined
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     print("emu3-rt serve: stopped", file=sys.stderr)
     return 128 + caught[0] if caught else 0
+
+
+def _health_name(args) -> str:
+    return f"{args.app_name}-health"
 
 
 def _watch_start_up(serving: threading.Event, handled: threading.Event, caught: list[int],

@@ -15,6 +15,7 @@ import binascii
 import dataclasses
 import io
 import json
+import math
 import re
 import time
 import uuid
@@ -25,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real, as_seed, as_text, kind
+from emu3_rt.image import ImageFile, read_image
 from emu3_rt.options import random_seed
 
 # size "WxH": each side at most this many pixels (the grid then comes from ratio W:H and area W*H)
@@ -72,6 +74,37 @@ class Job:
             n = self.partial_images
             return rows_done < height and rows_done in {-(-height * k // (n + 1)) for k in range(1, n + 1)}
         return bool(self.preview_every) and (rows_done % self.preview_every == 0 or rows_done == height)
+
+
+def parse_request(body: bytes, parse, model, max_rows: int) -> Job:
+    """A request body -> its Job through parse (image_job, chat_job). Whatever the client's data makes go wrong
+    here is the client's error (400): nesting past the parser's recursion limit (RecursionError), a number past
+    what a computation holds (ArithmeticError), besides the checks' own ValueError / TypeError."""
+    try:
+        return parse(parse_json(body), model, max_rows)
+    except RecursionError:
+        raise RequestError("the request body nests too deeply") from None
+    except ArithmeticError as e:
+        raise RequestError(f"a number in the request is out of range ({e})") from None
+
+
+def parse_json(body: bytes):
+    """JSON text -> value; NaN, Infinity and numbers past float range (1e400) are refused, not read as nan / inf."""
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise RequestError(f"the request body holds the number {text[:40]}, which is out of float range")
+        return value
+
+    def constant(name: str):
+        raise RequestError(f"the request body is not valid JSON ({name} is not a JSON value)")
+
+    try:
+        return json.loads(body, parse_float=finite, parse_constant=constant)
+    except RequestError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, an int of over 4300 digits, not UTF-8
+        raise RequestError(f"the request body is not valid JSON ({str(e).splitlines()[0][:200]})") from None
 
 
 def model_id(model) -> str:
@@ -158,10 +191,10 @@ def image_job(body, model, max_rows: int) -> Job:
     sampling = _sampling(b, model)
     cfg = b.get("cfg_scale")
     options = dict(negative_prompt=as_text("negative_prompt", b.get("negative_prompt")),
-                   cfg_scale=as_real("cfg_scale", s["cfg_scale"] if cfg is None else cfg),
+                   cfg_scale=as_real("cfg_scale", s["cfg_scale"] if cfg is None else cfg, 0),
                    sampling=sampling)
     # ratio and area go per row: requests of different sizes share one generation (each row keeps its grid)
-    area = as_int("image_area", s["image_area"] if area is None else area, 1)
+    area = model.check_image_area(s["image_area"] if area is None else area)
     per_row = {"ratio": [ratio or s["ratio"]] * n, "image_area": [area] * n}
     return Job("image", [prompt] * n, _seeds(b, n, sampling.greedy), per_row, options, stream=stream,
                preview_every=every, partial_images=partial)
@@ -226,13 +259,14 @@ CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_toke
 
 
 def chat_job(body, model, max_rows: int) -> Job:
-    """POST /v1/chat/completions body -> Job (images decoded here: call it off the event loop). Optional system
+    """POST /v1/chat/completions body -> Job (images' headers read here, decoded when it starts). Optional system
     messages, then the conversation (user and assistant turns, rendered by the bundle's chat template), ending
     with the user message the model answers; images are data: URIs in user messages."""
     b = _body(body, CHAT_FIELDS, model)
     if "messages" not in b:
         raise RequestError("missing field 'messages'")
     system, text, images, history = _messages(b["messages"])
+    model.check_images(images)   # count (from the context) and decoded pixels (from the headers): nothing decoded
     n = as_int("n", b.get("n", 1), 1, max_rows)
     max_new = b.get("max_completion_tokens", b.get("max_tokens"))
     max_new = model.bundle.search["max_new_tokens"] if max_new is None else as_int("max_tokens", max_new, 1)
@@ -246,7 +280,7 @@ def chat_job(body, model, max_rows: int) -> Job:
                include_usage=as_flag("stream_options.include_usage", usage.get("include_usage", False)))
 
 
-def _messages(messages) -> tuple[str | None, str, list[Image.Image], tuple[emu3_rt.Turn, ...]]:
+def _messages(messages) -> tuple[str | None, str, list[ImageFile], tuple[emu3_rt.Turn, ...]]:
     """[system..., (user | assistant)..., user] -> (system text or None, the last user message's text, every
     image of the conversation in message order, the earlier turns as emu3_rt.Turn)."""
     if not isinstance(messages, list) or not messages:
@@ -283,7 +317,7 @@ def _text_only(content, where: str, role: str) -> str:
     return text
 
 
-def _user_content(content, where: str) -> tuple[str, list[Image.Image]]:
+def _user_content(content, where: str) -> tuple[str, list[ImageFile]]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -310,9 +344,10 @@ IMAGE_TYPES = {"image/png": {"PNG"}, "image/jpeg": {"JPEG", "MPO"}, "image/jpg":
                "image/webp": {"WEBP"}, "image/gif": {"GIF"}, "image/bmp": {"BMP"}, "image/tiff": {"TIFF"}}
 
 
-def _data_uri_image(url, where: str) -> Image.Image:
-    """data:image/...;base64,... -> a decoded PIL image (emu3_rt.load_image: size bound, bomb guard). The media
-    type must be one of IMAGE_TYPES; the bytes decide how they are decoded, and must be one of those formats."""
+def _data_uri_image(url, where: str) -> ImageFile:
+    """data:image/...;base64,... -> its ImageFile (emu3_rt's read_image: size bound, raster formats only, bomb guard
+    from the header), decoded only when its generation starts, one image at a time. The media type must be one of
+    IMAGE_TYPES; the bytes decide how they are decoded, and must be one of those formats."""
     m = re.fullmatch(r"data:([^;,]*)((?:;[\w.+=-]+)*);base64,(.*)", url or "", re.DOTALL) \
         if isinstance(url, str) else None
     if not m:
@@ -326,7 +361,7 @@ def _data_uri_image(url, where: str) -> Image.Image:
         data = base64.b64decode(m.group(3), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{where}: the data: URI is not valid base64") from None
-    image = emu3_rt.load_image(data)
+    image = read_image(data)
     if image.format not in {f for formats in IMAGE_TYPES.values() for f in formats}:
         raise RequestError(f"{where}: the data: URI holds a {image.format} image; accepted: "
                            f"{', '.join(t for t in IMAGE_TYPES if t != 'image/jpg')}")
