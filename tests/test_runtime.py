@@ -168,7 +168,7 @@ def test_cli_temperature_zero_is_greedy(tmp_path, command):
     (["generate-image", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate-image", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate-image", "--prompt", "x", "--cfg-scale", "-2"], "--cfg-scale"),
-    (["generate-image", "--prompt", "x", "--cfg-scale", "nan"], "--cfg-scale"),
+    (["generate-image", "--prompt", "x", "--cfg-scale", "nan"], "--cfg-scale: expected a finite number"),
     (["generate-image", "--prompt", "x", "--ratio", "wide"], "ratio"),
     (["generate-image", "--prompt", "x", "--ratio", "0:1"], "ratio"),
     (["generate-image", "--prompt", "x", "--image-area", "100000000"], "context"),
