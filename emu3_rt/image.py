@@ -211,6 +211,7 @@ def _read_regular_file(path: str | os.PathLike, name: str) -> bytes:
 
 # decoding at least this many pixels in one call hands the freed heap back (glibc keeps large freed blocks)
 _TRIM_PIXELS = 4_000_000
+_malloc_trim = None   # libc's malloc_trim once looked up; False where there is none
 
 
 def give_back_memory() -> None:
@@ -227,9 +228,6 @@ def give_back_memory() -> None:
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 @dataclass(frozen=True, eq=False)
