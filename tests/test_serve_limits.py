@@ -147,28 +147,31 @@ def test_a_body_over_the_limit_is_refused_before_it_finishes(service, route, chu
     assert replica_rss_mib(service) - before < 96
 
 
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("pace", ["stalled", "trickled"])
-def test_a_body_that_does_not_arrive_in_time_gets_408(service, route, pace):
-    s = _connect(service, route, {"Content-Length": "100000"}, b'{"prompt": "')
+def test_bodies_that_do_not_arrive_in_time_get_408(service):
+    """Both routes, a stalled body and one trickled a byte every 0.2 s (the deadline is for the whole body, not
+    between bytes), all at once."""
     stop = threading.Event()
+    clients = [(_connect(service, route, {"Content-Length": "100000"}, b'{"prompt": "'), pace)
+               for route in ROUTES for pace in ("stalled", "trickled")]
 
-    def trickle():   # a byte every 0.2 s: the deadline is for the whole body, not between bytes
+    def trickle(s):
         with contextlib.suppress(OSError):
             while not stop.wait(0.2):
                 s.sendall(b"a")
 
-    t = threading.Thread(target=trickle)
-    if pace == "trickled":
+    threads = [threading.Thread(target=trickle, args=(s,)) for s, pace in clients if pace == "trickled"]
+    for t in threads:
         t.start()
     try:
-        status, _, body = _response(s, timeout=BODY_TIMEOUT * 5)
+        answers = [_response(s, timeout=BODY_TIMEOUT * 5) for s, _ in clients]
     finally:
         stop.set()
-        if t.is_alive():
+        for t in threads:
             t.join(5)
-        s.close()
-    assert status == 408 and body["error"]["message"] == f"the request body did not arrive within {BODY_TIMEOUT:g} s"
+        for s, _ in clients:
+            s.close()
+    message = f"the request body did not arrive within {BODY_TIMEOUT:g} s"
+    assert [(status, body["error"]["message"]) for status, _, body in answers] == [(408, message)] * 4
 
 
 @pytest.mark.parametrize("body, needle", [
