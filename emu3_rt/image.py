@@ -246,7 +246,8 @@ class ImageFile:
         return self.width * self.height
 
     def decode(self) -> Image.Image:
-        return _open(self.data, self.name, (self.format,), load=True)
+        # FORMATS again, not (format,): a phone's multi-picture JPEG is opened by the JPEG plugin as format "MPO"
+        return _open(self.data, self.name, FORMATS, load=True)
 
 
 def _open(data: bytes, name: str, formats, load: bool) -> Image.Image:

@@ -98,6 +98,14 @@ def test_the_raster_formats_are_read(fmt):
     assert f.decode().size == (16, 16)
 
 
+def test_a_multi_picture_jpeg_from_a_phone_is_read():
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (32, 24), (40 * i, 0, 0)) for i in range(2)]
+    frames[0].save(buf, format="MPO", save_all=True, append_images=frames[1:])
+    f = read_image(buf.getvalue())
+    assert f.format == "MPO" and f.decode().getpixel((0, 0)) == (0, 0, 0)
+
+
 @pytest.fixture
 def stand_in_gs(tmp_path, monkeypatch):
     """A `gs` first on PATH that records being run (Pillow's EPS plugin runs Ghostscript to decode)."""
