@@ -368,3 +368,17 @@ def test_huge_numbers_are_named_by_size_not_printed(model):
     with pytest.raises(PromptError) as e:
         model.generate_image("x", image_area=10**400)
     assert "image_area must be at most" in str(e.value) and "1329-bit number" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"timeout": float("nan")}, "timeout must be a finite number"),
+                                            ({"timeout": float("inf")}, "timeout must be a finite number"),
+                                            ({"timeout": 0}, "timeout must be a finite number"),
+                                            ({"retries": -1}, "retries must be an int >= 0")])
+def test_the_client_refuses_non_finite_settings_and_never_sends_nan(kwargs, needle):
+    from runtime.serve.client import Client
+
+    with pytest.raises(ValueError, match=needle):
+        Client("http://127.0.0.1:9", **kwargs)
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        Client("http://127.0.0.1:9", retries=0).chat("hi", temperature=float("nan"))   # nothing is sent
+

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import time
 import urllib.error
@@ -25,6 +26,9 @@ import urllib.request
 from collections.abc import Iterator
 
 from PIL import Image
+
+# the longest Retry-After this client waits before retrying a 503
+MAX_RETRY_WAIT_S = 60.0
 
 
 class ServiceError(RuntimeError):
@@ -77,12 +81,17 @@ def user_message(text: str, images=()) -> dict:
 
 class Client:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, retries: int = 3):
-        self.base_url, self.timeout, self.retries = base_url.rstrip("/"), timeout, retries
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        self.base_url, self.timeout, self.retries = base_url.rstrip("/"), float(timeout), retries
 
     # ---- transport ----
 
     def _open(self, path: str, body: dict | None):
-        data = None if body is None else json.dumps(body).encode()
+        # allow_nan=False: NaN / Infinity are not JSON (the service refuses them); refused here, before sending
+        data = None if body is None else json.dumps(body, allow_nan=False).encode()
         req = urllib.request.Request(self.base_url + path, data=data, headers={"Content-Type": "application/json"})
         for attempt in range(self.retries + 1):
             try:
@@ -91,7 +100,7 @@ class Client:
                 error = _service_error(e)
                 if e.code != 503 or attempt == self.retries:
                     raise error from None
-                time.sleep(error.retry_after or 1.0)
+                time.sleep(min(error.retry_after or 1.0, MAX_RETRY_WAIT_S))
         raise AssertionError("unreachable")
 
     def get(self, path: str) -> dict:
