@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -37,7 +38,11 @@ ROUTES = ["/v1/chat/completions", "/v1/images/generations"]
 
 @pytest.fixture(scope="module")
 def service():
-    """The model application at / (32 request slots, 64 queued) and the Health application at /healthz."""
+    """The model application at / (32 request slots, 64 queued) and the Health application at /healthz. Ray in its
+    single-machine mode, every port on loopback (when Ray is first imported here), as in test_serve.py."""
+    loopback = "ray" not in sys.modules and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray, serve = pytest.importorskip("ray"), pytest.importorskip("ray.serve")
     from runtime.serve.app import Emu3Service, Health
     from runtime.serve.proxy import CALLBACK, ENV
@@ -60,6 +65,8 @@ def service():
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = old
+        if loopback:
+            del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
 
 
 # ---- raw HTTP on loopback ----
