@@ -126,18 +126,17 @@ class Emu3:
             raise ValueError("the bundle's visual head does not score every id image generation needs")
         return cols if np.ndim(ids) else int(cols)
 
-    @property
-    def max_image_area(self) -> int:
-        """The largest image_area that could fit the context: Emu3's grid (h, w) rounds area / spatial_factor² codes
-        per side, and a non-empty rounding keeps at least half of each side, so a larger area needs h*w >= area /
-        (4 * spatial_factor²) > context_length positions. Checked before the grid is computed (10**400 is no float)."""
-        return 4 * self.bundle.context_length * self.bundle.spatial_factor ** 2
+    # image_area past this is refused before any grid is computed: no context holds such an image, and Emu3's grid
+    # arithmetic (a float square root of area / ratio) stops being exact past 2**53 and fails past 1e308 (10**400)
+    MAX_IMAGE_AREA = 1 << 48
 
     def check_image_area(self, area: int) -> int:
+        """image_area as an int in [1, MAX_IMAGE_AREA] (a smaller one that does not fit is refused later, naming
+        the largest area that fits beside the prompt)."""
         area = as_int("image_area", area, 1)
-        if area > self.max_image_area:
-            raise PromptError(f"image_area must be at most {self.max_image_area} (a larger image cannot fit the "
-                              f"model's {self.bundle.context_length}-position context), got {shown(area)}")
+        if area > self.MAX_IMAGE_AREA:
+            raise PromptError(f"image_area must be at most 2**48 pixels (no model's context holds more), got "
+                              f"{shown(area)}")
         return area
 
     # ---- stages ----

@@ -461,7 +461,7 @@ def test_the_client_sends_image_files_the_server_reads(service, direct, tmp_path
     # a format Pillow reads but the service does not take, whatever the label says
     photo.save(tmp_path / "x.ppm")
     url = "data:image/png;base64," + base64.b64encode((tmp_path / "x.ppm").read_bytes()).decode()
-    with pytest.raises(ServiceError, match="holds a PPM image; accepted: image/png, image/jpeg") as e:
+    with pytest.raises(ServiceError, match="not an image in a format this runtime reads") as e:
         client.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}]}]})
     assert e.value.status == 400

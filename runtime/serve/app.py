@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real
+from emu3_rt.image import give_back_memory
 
 from . import protocol
 from .batcher import Stats, batch_rows, drive
@@ -69,7 +70,7 @@ async def _server_error(request: Request, e: Exception):
     return _error(e if isinstance(e, RuntimeError) else RuntimeError(f"internal error ({type(e).__name__})"))
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytearray:
     """The request body, read as it streams in with a running count: _TooLarge as soon as it passes `limit` (a
     declared Content-Length over it: before anything is read), TimeoutError if it has not all arrived within
     timeout_s."""
@@ -83,7 +84,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             if size > limit:
                 raise _TooLarge()
             body += chunk
-    return bytes(body)
+    return body   # json.loads reads a bytearray: no second copy of a large body
 
 
 
@@ -166,6 +167,8 @@ class Emu3Service:
             body = await read_body(request, MAX_BODY_BYTES, self.body_timeout_s)
             job = await asyncio.to_thread(protocol.parse_request, body, parse, self.model, self.max_rows)
         except _TooLarge:
+            # what was read of it is freed: hand the heap back (its many small chunks would stay with the replica)
+            await asyncio.to_thread(give_back_memory)
             # Connection: close: the rest of the upload is not read (the server drops the connection)
             return None, JSONResponse(protocol.error_body(RequestError(
                 f"the request body is over {MAX_BODY_BYTES >> 20} MiB")), status_code=413,

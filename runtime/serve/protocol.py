@@ -76,7 +76,7 @@ class Job:
         return bool(self.preview_every) and (rows_done % self.preview_every == 0 or rows_done == height)
 
 
-def parse_request(body: bytes, parse, model, max_rows: int) -> Job:
+def parse_request(body: bytes | bytearray, parse, model, max_rows: int) -> Job:
     """A request body -> its Job through parse (image_job, chat_job). Whatever the client's data makes go wrong
     here is the client's error (400): nesting past the parser's recursion limit (RecursionError), a number past
     what a computation holds (ArithmeticError), besides the checks' own ValueError / TypeError."""
@@ -88,7 +88,7 @@ def parse_request(body: bytes, parse, model, max_rows: int) -> Job:
         raise RequestError(f"a number in the request is out of range ({e})") from None
 
 
-def parse_json(body: bytes):
+def parse_json(body: bytes | bytearray):
     """JSON text -> value; NaN, Infinity and numbers past float range (1e400) are refused, not read as nan / inf."""
     def finite(text: str) -> float:
         value = float(text)
