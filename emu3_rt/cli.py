@@ -673,6 +673,9 @@ def run() -> None:
             stream.flush()
         except (AttributeError, OSError, ValueError):   # closed, full or None: nothing more can be said there
             pass
+    ort = sys.modules.get("emu3_rt.engines.ort")
+    if ort is not None:   # session threads still writing an optimized-graph cache entry never reach their cleanup
+        ort.remove_partial_entries()
     os._exit(code)
 
 

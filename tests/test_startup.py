@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -221,3 +222,104 @@ def test_chat_caches_no_vq_graph(cache):
 def test_cache_optimized_must_be_a_bool(value):
     with pytest.raises(TypeError, match="cache_optimized"):
         OrtOptions(cache_optimized=value)
+
+
+# ---- temporary entries: removed on every exit path of the CLI (issue 19, item 9) ----
+
+# The CLI in a child whose cache-writing sessions stop inside onnxruntime right after the graph is written (as a
+# big graph's weights are still being written when a run fails early): the entry's temp directory is on disk and
+# its thread never gets back to clean it up. `ready` appears once that point is reached, and load() returns only
+# then, so whatever the run does next (fail, be signalled) happens while the writer is inside onnxruntime.
+_STALLED_WRITER = """
+import os, sys, threading, time
+import onnxruntime
+ready = sys.argv[1]
+real = onnxruntime.InferenceSession
+def stalled(path, so=None, *args, **kwargs):
+    session = real(path, so, *args, **kwargs)
+    if so is not None and so.optimized_model_filepath:
+        open(ready, "w").close()
+        threading.Event().wait()
+    return session
+onnxruntime.InferenceSession = stalled
+import emu3_rt.pipeline as pipeline
+real_load = pipeline.load
+def load(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return model
+pipeline.load = load
+sys.argv = ["emu3-rt", *sys.argv[2:]]
+from emu3_rt.cli import run
+run()
+"""
+
+
+def _temp_entries(cache) -> list[str]:
+    root = cache / "ort"
+    return sorted(p.name for p in root.glob(".tmp-*")) if root.is_dir() else []
+
+
+def _stalled_cli(cache, tmp_path, *argv):
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    env = {**os.environ, "EMU3_RT_CACHE_DIR": str(cache)}
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_WRITER, str(ready), *argv, "--bundle", str(TINY_BUNDLE)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return child, ready
+
+
+def _wait_for(path, child) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert child.poll() is None, child.stderr.read()
+        assert time.monotonic() < deadline, "the writing session never started"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("argv", [["chat", "--prompt", "hi", "--image", "no-such.png"],
+                                  ["generate-image", "--prompt", "hi", "-o", "/no-such-dir/x.png"]])
+def test_a_failing_run_leaves_no_temporary_entry(cache, tmp_path, argv):
+    """The run fails (exit 2) while a warm-up thread is still inside onnxruntime, writing an entry."""
+    child, ready = _stalled_cli(cache, tmp_path, *argv)
+    assert child.wait(timeout=120) == 2
+    assert "emu3-rt: error:" in child.stderr.read() and ready.exists()
+    assert _temp_entries(cache) == []
+
+
+@pytest.mark.parametrize("signum, code", [("SIGTERM", 143), ("SIGINT", 130), ("SIGHUP", 129)])
+@pytest.mark.parametrize("command", ["chat", "generate-image"])
+def test_a_signalled_run_leaves_no_temporary_entry(cache, tmp_path, signum, code, command):
+    import signal
+
+    out = ["-o", str(tmp_path / "x.png")] if command == "generate-image" else []
+    child, ready = _stalled_cli(cache, tmp_path, command, "--prompt", "hi", *out)
+    _wait_for(ready, child)
+    assert _temp_entries(cache) != []                                # the writer's directory is on disk
+    child.send_signal(getattr(signal, signum))
+    assert child.wait(timeout=120) == code, child.stderr.read()
+    assert _temp_entries(cache) == []
+
+
+def test_a_killed_writers_entry_goes_with_the_next_writer(cache, bundle, tmp_path):
+    """SIGKILL runs no cleanup: the next process writing an entry removes what a dead writer on this host left, and
+    leaves alone a live writer's (another process still writing) and its own threads'."""
+    import signal
+
+    child, ready = _stalled_cli(cache, tmp_path, "chat", "--prompt", "hi")
+    _wait_for(ready, child)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    dead = _temp_entries(cache)
+    assert dead and all(name.startswith(ort_engine._tmp_prefix(child.pid)) for name in dead)
+    live = cache / "ort" / (ort_engine._tmp_prefix(os.getppid()) + "writing")
+    live.mkdir()
+    open_session(bundle.vq_decoder)                                 # writes an entry: sweeps the dead writer's
+    assert _temp_entries(cache) == [live.name]
+    assert any(name.startswith("vq_decoder-") for name in entries(cache))

@@ -154,6 +154,52 @@ def _drop(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# Entries being written by this process: temporary directories named .tmp-<host>-<pid>-*, where onnxruntime writes
+# the optimized graph (and its weights: GBs for a big bundle) from whatever thread opens the session. A process that
+# leaves while such a thread is still inside onnxruntime (the CLI ends with os._exit: an early error, Ctrl-C, TERM)
+# never reaches that thread's cleanup, so the CLI calls remove_partial_entries() on its way out; a writer that was
+# killed (SIGKILL, a crash) leaves one behind, which the next writer on the same host removes.
+_partial: set[Path] = set()
+_partial_lock = threading.Lock()
+_leaving = False   # set by remove_partial_entries: no new temporary entry from then on
+
+
+def _tmp_prefix(pid: int | None = None) -> str:
+    host = hashlib.sha256(platform.node().encode()).hexdigest()[:8]
+    return f".tmp-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """A temporary entry whose writer is a dead process on this host, or any older than a day (another host's)."""
+    with contextlib.suppress(OSError):
+        if tmp.stat().st_mtime < time.time() - 86400:
+            return True
+    pid = tmp.name.split("-")[2] if tmp.name.count("-") >= 3 else ""
+    if not pid.isdigit() or not tmp.name.startswith(_tmp_prefix(int(pid))) or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # alive, another user's
+        pass
+    return False
+
+
+def remove_partial_entries() -> None:
+    """Delete the temporary cache entries this process is still writing (threads inside onnxruntime keep going
+    until the process ends: a file they create afterwards has no directory to go to)."""
+    global _leaving
+    with _partial_lock:
+        _leaving = True
+        pending = list(_partial)
+    for tmp in pending:
+        for _ in range(5):   # a writer may add a file between rmtree's listing and its rmdir
+            _drop(tmp)
+            if not tmp.exists():
+                break
+
+
 class OrtEngine:
     def __init__(self, spec: GraphSpec, options: OrtOptions = OrtOptions()):
         if options.device not in PROVIDERS:
@@ -279,10 +325,14 @@ class OrtEngine:
         opens the graph without saving, and a broken graph raises there."""
         try:
             entry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for stale in entry.parent.glob(".tmp-*"):  # left by a writer that was killed (a day is ample)
-                if stale.stat().st_mtime < time.time() - 86400:
+            for stale in entry.parent.glob(".tmp-*"):  # left by a writer that was killed
+                if _writer_gone(stale):
                     _drop(stale)
-            tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+            with _partial_lock:
+                if _leaving:
+                    return None
+                tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=_tmp_prefix()))
+                _partial.add(tmp)
         except OSError:
             return None
         so = self._session_options(ort, "ORT_ENABLE_ALL")
@@ -301,6 +351,8 @@ class OrtEngine:
             return sess
         finally:
             _drop(tmp)  # nothing left there once renamed
+            with _partial_lock:
+                _partial.discard(tmp)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session
