@@ -635,9 +635,12 @@ def _generate(args, argv: list[str]) -> int:
     from .pipeline import load
 
     started = time.perf_counter()
+    # one chat prompt decodes one row a step: its step graph's weights are read where onnxruntime maps them
+    # instead of being packed when the session opens (pipeline.load's prepack)
+    one_row = args.command == "chat" and sum(kind == "prompt" for kind, _ in args.items) == 1
     model = load(args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
                  device_id=args.device_id, sampler=args.sampler,
-                 warm=["chat" if args.command == "chat" else "image"])
+                 warm=["chat" if args.command == "chat" else "image"], prepack=not one_row)
     if args.bundle is None:
         _note(args, "note: the embedded tiny bundle has random weights, so its output is noise "
                     "(pass --bundle DIR for a real model)")

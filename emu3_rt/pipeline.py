@@ -400,7 +400,7 @@ class Emu3:
 
 def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: str = "cpu", threads: int = 0,
          verify: bool = False, device_id: int = 0, prefill_chunk: int | None = None,
-         sampler: str | None = None, warm: Sequence[str] = ()) -> Emu3:
+         sampler: str | None = None, warm: Sequence[str] = (), prepack: bool = True) -> Emu3:
     """Load a bundle (default: the embedded tiny one).
 
     engine "ort": onnxruntime on `device` "cpu", "cuda" or "tensorrt" (its TensorRT execution provider);
@@ -414,6 +414,10 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     except plain greedy (no CFG, no grid) on the CPU, which is numpy's argmax on the logits already on the host.
     warm: tasks ("chat", "image") whose graph sessions open in a background thread while the tokenizer is parsed
     (the CLI passes the command's task: a start-up cost paid in parallel instead of at the first step).
+    prepack=False: the step graphs' weights stay in the mapped external data file instead of being copied into
+    onnxruntime's packed layout when their sessions open (OrtOptions.prepack): a big bundle opens in a fraction of a
+    second instead of ~3 s per GB, one-row decoding (one chat prompt) is as fast, steps of 2+ rows (CFG, batches)
+    and prefill are slower. The CLI's chat with one prompt passes False.
     """
     # every argument is checked before the bundle is read
     if bundle_dir is not None and not isinstance(bundle_dir, (str, os.PathLike)):
@@ -427,7 +431,7 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
         raise ValueError(f"warm must be a sequence of tasks from {sorted(TASK_GRAPHS)}, got {warm!r:.60}")
     if sampler not in (None, "graph", "numpy"):
         raise ValueError(f"sampler must be 'graph', 'numpy' or None, got {sampler!r:.40}")
-    threads, verify = check_threads(threads), as_flag("verify", verify)
+    threads, verify, prepack = check_threads(threads), as_flag("verify", verify), as_flag("prepack", prepack)
     device_id = as_int("device_id", device_id, 0)
     prefill_chunk = None if prefill_chunk is None else as_int("prefill_chunk", prefill_chunk, 1)
     bundle = load_bundle(DEFAULT_BUNDLE if bundle_dir is None else bundle_dir, verify=verify)
@@ -442,7 +446,9 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
         opts = OrtOptions(device=device, threads=threads, device_id=device_id)
         # the small sampler graphs: one thread, no spinning (see OrtOptions.spinning)
         light = dataclasses.replace(opts, threads=1, spinning=False) if device == "cpu" else opts
-        engines = {key: OrtEngine(getattr(bundle, key), light if key.endswith("sampler") else opts) for key in keys}
+        step = dataclasses.replace(opts, prepack=prepack)
+        engines = {key: OrtEngine(getattr(bundle, key), light if key.endswith("sampler") else
+                                  step if key in ("decoder", "image_decoder") else opts) for key in keys}
     else:
         from .engines.trt import TrtEngine, plan_for
 

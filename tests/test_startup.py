@@ -323,3 +323,61 @@ def test_a_killed_writers_entry_goes_with_the_next_writer(cache, bundle, tmp_pat
     open_session(bundle.vq_decoder)                                 # writes an entry: sweeps the dead writer's
     assert _temp_entries(cache) == [live.name]
     assert any(name.startswith("vq_decoder-") for name in entries(cache))
+
+
+# ---- prepacking (OrtOptions.prepack, load(prepack=...)) ----
+
+def _prepacks(so) -> bool:
+    try:
+        return so.get_session_config_entry("session.disable_prepacking") != "1"
+    except Exception:  # noqa: BLE001 - onnxruntime raises when the entry was never set: its default, prepacking
+        return True
+
+
+@pytest.fixture
+def packing(monkeypatch):
+    """{graph file name: whether its session prepacks weights}, for every session opened from now on."""
+    seen: dict[str, bool] = {}
+    real = onnxruntime.InferenceSession
+
+    def spy(path, so=None, *args, **kwargs):
+        seen[os.path.basename(str(path))] = _prepacks(so)
+        return real(path, so, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    return seen
+
+
+def test_unpacked_weights_give_the_same_steps(cache, bundle, embedded_decoder, packing):
+    unpacked = OrtOptions(prepack=False)
+    for spec in (bundle.decoder, embedded_decoder):   # weights in external data, and inside the graph (cached)
+        packed_out = step(OrtEngine(spec, OFF), bundle)
+        for options in (dataclasses.replace(unpacked, cache_optimized=False), unpacked, unpacked):
+            got = step(OrtEngine(spec, options), bundle)
+            for a, b in zip(packed_out, got):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)   # other kernels (GEMV), same numbers
+                assert np.array_equal(a.argmax(-1), b.argmax(-1))
+    assert packing["decoder_step.onnx"] is False
+    assert packing["graph.onnx"] is False                                      # the cached graph too
+
+
+@pytest.mark.parametrize("argv, unpacked", [
+    (["chat", "--prompt", "hi"], {"decoder_step.onnx"}),
+    (["chat", "--prompt", "hi", "--prompt", "two rows"], set()),
+    (["generate-image", "--prompt", "hi"], set()),
+])
+def test_the_cli_maps_the_step_graph_for_one_chat_row(cache, tmp_path, capsys, packing, argv, unpacked):
+    from .conftest import cli
+
+    size = ["--max-new-tokens", "3"] if argv[0] == "chat" else ["--image-area", "576", "-o", str(tmp_path / "x.png")]
+    code, _, err = cli(capsys, *argv, *size, "--bundle", str(TINY_BUNDLE), "-q")
+    assert code == 0, err
+    assert {name for name, packs in packing.items() if not packs} == unpacked
+    assert any(name.startswith("decoder_step") for name in packing)
+
+
+def test_prepack_must_be_a_bool():
+    with pytest.raises(TypeError, match="prepack"):
+        OrtOptions(prepack=1)
+    with pytest.raises(TypeError, match="prepack"):
+        emu3_rt.load(prepack="no")

@@ -65,6 +65,13 @@ class OrtOptions:
     # and KV capacity block, kept by onnxruntime until the engine closes, so meant for a dedicated decode process).
     # A graph onnxruntime cannot capture (nodes outside the CUDA EP) raises EngineError when the session opens.
     cuda_graph: bool = False
+    # device "cpu": onnxruntime copies every MatMul / Gemm weight into MLAS's packed layout when the session opens
+    # ("prepacking"). Packed weights make steps of 2+ rows and prefill faster (a CFG step of the 2-layer
+    # real-geometry slice: 3x), but cost ~3-4 s per GB at session creation and a heap copy of the weights (2-layer
+    # slice, fp32: 32 s and 4.6 GB). False leaves them in the external data file onnxruntime maps (page cache,
+    # shared between processes): the session opens in 0.3 s and a one-row step (chat) is as fast (MLAS's GEMV
+    # reads the weights as stored). See benchmarks/startup.py.
+    prepack: bool = True
     # intra-op workers spin while waiting for work (onnxruntime's default). The sampler graph turns it off: it runs
     # right after every step in its own session, and its spinning workers would take the cores from the next
     # step's (chat on mid: 29 tok/s with, 47 without; the step's own spinning is worth ~10 %)
@@ -72,8 +79,9 @@ class OrtOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "threads", check_threads(self.threads))
-        if not isinstance(self.cache_optimized, bool):
-            raise TypeError(f"cache_optimized must be True or False, got {type(self.cache_optimized).__name__}")
+        for name in ("cache_optimized", "prepack"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {type(getattr(self, name)).__name__}")
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, numbers.Integral):
             raise TypeError(f"device_id must be an int, got {type(self.device_id).__name__}")
         if self.device_id < 0:
@@ -267,6 +275,8 @@ class OrtEngine:
             so.intra_op_num_threads = self.options.threads
         if not self.options.spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not self.options.prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         return so
 
     def _open(self, ort, path: Path, so, providers):
