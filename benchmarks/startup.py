@@ -36,8 +36,9 @@ PROMPT = "a red apple on a wooden table"
 
 # ---- the probe: one fresh process, one mode ----
 
-def probe(bundle: str, mode: str, spawned: float) -> dict:
-    """Seconds of each start-up stage in this process; `spawned` is the parent's time.time() at the spawn."""
+def probe(bundle: str, mode: str, spawned: float, prepack: bool = True) -> dict:
+    """Seconds of each start-up stage in this process; `spawned` is the parent's time.time() at the spawn.
+    prepack=False: the step graphs open as the CLI's one-prompt chat opens them (load(prepack=False))."""
     import emu3_rt
     t_import = time.time() - spawned
 
@@ -46,7 +47,7 @@ def probe(bundle: str, mode: str, spawned: float) -> dict:
     from emu3_rt.engines import OrtEngine
 
     t = time.perf_counter()
-    model = emu3_rt.load(bundle)
+    model = emu3_rt.load(bundle, prepack=prepack)
     t_load = time.perf_counter() - t
     if mode == "off":  # load() has no switch for the cache: the same engines, built with it off
         model.engines = {k: OrtEngine(e.spec, dataclasses.replace(e.options, cache_optimized=False))
@@ -74,8 +75,9 @@ def probe(bundle: str, mode: str, spawned: float) -> dict:
             "load_to_first_token": first_token, "start_to_first_token": t_import + first_token}
 
 
-def _run_probe(bundle: Path, mode: str, env: dict) -> dict:
+def _run_probe(bundle: Path, mode: str, env: dict, prepack: bool = True) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.startup", "--probe", mode, str(time.time()), "--bundle", str(bundle)]
+    cmd += [] if prepack else ["--chat", "1"]   # the probe of a --chat run opens the step graph as the CLI does
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -99,13 +101,15 @@ def _cli_seconds(bundle: Path, mode: str, env: dict, area: int) -> float:
 
 
 def _cli_chat_seconds(bundle: Path, mode: str, env: dict, tokens: int) -> float:
-    """Wall time of `emu3-rt chat --max-new-tokens N` as a process (mode off: the cache switched off in load())."""
+    """Wall time of `emu3-rt chat --max-new-tokens N` as a process (mode off: the cache switched off in load();
+    mode "prepacked": the step graph's weights packed when its session opens, as before the CLI's one-row chat
+    stopped asking for it)."""
     args = ["chat", "--bundle", str(bundle), "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--seed", "0",
             "-q"]
-    if mode == "off":
-        code = ("import functools, sys; import emu3_rt.pipeline as p; "
-                "p.OrtOptions = functools.partial(p.OrtOptions, cache_optimized=False); "
-                "from emu3_rt.cli import run; run()")
+    if mode in ("off", "prepacked"):
+        change = ("p.OrtOptions = functools.partial(p.OrtOptions, cache_optimized=False)" if mode == "off" else
+                  "real = p.load; p.load = lambda *a, **k: real(*a, **{**k, 'prepack': True})")
+        code = f"import functools, sys; import emu3_rt.pipeline as p; {change}; from emu3_rt.cli import run; run()"
         cmd = [sys.executable, "-c", code, *args]
     else:
         cmd = [sys.executable, "-m", "emu3_rt", *args]
@@ -170,7 +174,7 @@ def measure(bundle: Path, repeats: int, area: int, chat: int = 0, cache_root: st
             for _ in range(repeats):
                 if mode == "cold":
                     shutil.rmtree(ort_cache, ignore_errors=True)
-                probes.append(_run_probe(bundle, mode, env))
+                probes.append(_run_probe(bundle, mode, env, prepack=not chat))
                 if mode == "cold":
                     shutil.rmtree(ort_cache, ignore_errors=True)
                 cli.append(_cli_chat_seconds(bundle, mode, env, chat) if chat
@@ -178,6 +182,8 @@ def measure(bundle: Path, repeats: int, area: int, chat: int = 0, cache_root: st
             result[mode] = {**_best(probes), "cli": min(cli), "cli_runs": cli}
         result["cache_bytes"] = sum(f.stat().st_size for f in ort_cache.rglob("*") if f.is_file())
         result["cli_command"] = f"chat {chat} tokens" if chat else "generate-image"
+        if chat:
+            result["cli_prepacked"] = min(_cli_chat_seconds(bundle, "prepacked", env, chat) for _ in range(repeats))
     return result
 
 
@@ -203,12 +209,16 @@ def report(name: str, r: dict) -> None:
     for label, (off, cold, warm) in _rows(r):
         ratio = f"{off / warm:8.2f}x {cold / off:8.2f}x" if warm > 1e-4 and off > 1e-4 else ""
         print(f"{label:42s} {off * 1e3:7.1f}ms {cold * 1e3:7.1f}ms {warm * 1e3:7.1f}ms   {ratio}")
+    if "cli_prepacked" in r:
+        print(f"CLI {r['cli_command']} with the step graph prepacked (before): {r['cli_prepacked']:.2f} s "
+              f"({r['cli_prepacked'] / r['warm']['cli']:.2f}x the warm run)")
     if "hf" in r:
         hf = r["hf"]
         print(f"Transformers {hf['dtype']} as a process: {hf['total']:.2f} s (imports {hf['import']:.2f}, "
               f"from_pretrained {hf['load']:.2f}, generate {hf['generate']:.2f})")
         print("  Transformers process / emu3-rt chat process: " +
-              ", ".join(f"{m} {hf['total'] / r[m]['cli']:.2f}x" for m in MODES))
+              ", ".join(f"{m} {hf['total'] / r[m]['cli']:.2f}x" for m in MODES) +
+              (f", prepacked {hf['total'] / r['cli_prepacked']:.2f}x" if "cli_prepacked" in r else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-probe", nargs=4, default=None, help=argparse.SUPPRESS)  # CKPT DTYPE N SPAWN-TIME
     args = ap.parse_args(argv)
     if args.probe is not None:
-        print(json.dumps(probe(str(args.bundle[0]), args.probe[0], float(args.probe[1]))))
+        print(json.dumps(probe(str(args.bundle[0]), args.probe[0], float(args.probe[1]), prepack=not args.chat)))
         return 0
     if args.hf_probe is not None:
         ck, dtype, n, spawned = args.hf_probe
