@@ -18,7 +18,7 @@ import onnxruntime  # noqa: E402
 import emu3_rt  # noqa: E402
 from emu3_rt import integrity  # noqa: E402
 from emu3_rt.bundle import load_bundle  # noqa: E402
-from emu3_rt.engines import OrtEngine, OrtOptions  # noqa: E402
+from emu3_rt.engines import EngineError, OrtEngine, OrtOptions  # noqa: E402
 from emu3_rt.engines import ort as ort_engine  # noqa: E402
 from emu3_rt.generate import decode_step, prefill  # noqa: E402
 from emu3_rt.kv_cache import KVCache  # noqa: E402
@@ -381,3 +381,36 @@ def test_prepack_must_be_a_bool():
         OrtOptions(prepack=1)
     with pytest.raises(TypeError, match="prepack"):
         emu3_rt.load(prepack="no")
+
+
+# ---- fp16 graphs on the CPU: refused when their fp32 weight copies cannot fit ----
+
+def _as_fp16(spec):
+    """The spec with float16 KV inputs, as an fp16 bundle's step graph declares them (the graph file is unchanged:
+    the check reads the spec and the size of the external data, before onnxruntime opens anything)."""
+    inputs = tuple(dataclasses.replace(t, dtype="float16") if t.dtype == "float32" else t for t in spec.inputs)
+    return dataclasses.replace(spec, inputs=inputs)
+
+
+@pytest.mark.parametrize("available, refused", [(1 << 40, False), (1 << 20, True), (None, False)])
+def test_an_fp16_graph_whose_fp32_copies_do_not_fit_is_refused(bundle, monkeypatch, opened, available, refused):
+    monkeypatch.setattr(ort_engine, "_mem_available", lambda: available)
+    data = (bundle.decoder.path.parent / "decoder_step.data").stat().st_size
+    fp16 = _as_fp16(bundle.decoder)
+    if refused:
+        with pytest.raises(EngineError, match=r"fp32 copies .*export --dtype fp32 for the CPU") as e:
+            open_session(fp16)
+        assert f"up to {2 * data / 1e9:.1f} GB" in str(e.value) and "\n" not in str(e.value)
+        assert opened == []                                          # refused before onnxruntime reads a byte
+    else:
+        with pytest.raises(EngineError, match="bundle.json"):       # got past the check: onnxruntime opened it,
+            open_session(fp16)                                       # and the I/O check saw float32 inputs
+        assert opened == [str(bundle.decoder.path)]
+    open_session(bundle.decoder)                                     # fp32 graphs: never checked
+
+
+def test_the_fp16_check_is_cpu_only(bundle, monkeypatch):
+    monkeypatch.setattr(ort_engine, "_mem_available", lambda: 1)
+    with pytest.raises(EngineError) as e:
+        open_session(_as_fp16(bundle.decoder), OrtOptions(device="cuda"))
+    assert "fp32 copies" not in str(e.value)                         # the missing provider is what it says
