@@ -271,11 +271,18 @@ class OrtEngine:
 
     @property
     def session(self):
-        with self._lock:
+        # a timed wait: another thread (a warm-up thread) may hold the lock while it opens the session, which takes
+        # a minute for a big bundle, and a signal the kernel hands to one of onnxruntime's worker threads reaches
+        # Python's handler only when the main thread runs Python again: polling lets Ctrl-C / SIGTERM act at once
+        while not self._lock.acquire(timeout=0.1):
+            pass
+        try:
             if self.closed:
                 raise EngineError(f"{self.spec.path.name}: the engine is closed")
             if self._session is None:
                 self._session = self._create()
+        finally:
+            self._lock.release()
         return self._session
 
     def _create(self):
