@@ -139,10 +139,11 @@ class PromptEncoder:
         self.bundle = bundle
         self.tokens = bundle.tokens
         # checked against bundle.json (BundleError names the file), and its special ids
-        self.tokenizer, self._specials, self._max_chars = load_tokenizer(bundle)
+        # _max_tokenized: the longest text its vetted normalizers may be given (tokenizer.py's growth bound)
+        self.tokenizer, self._specials, self._max_tokenized = load_tokenizer(bundle)
         self._template = None
         self._literal_tokenizer = None
-        self._max_chars: int | None = None
+        self._max_chars: int | None = None   # the context's bound (max_chars), computed on first use
 
     # text
 
@@ -171,10 +172,10 @@ class PromptEncoder:
 
     def _bounded(self, text: str) -> str:
         """`text`, if the tokenizer's normalizers can grow it only within the library's bound (tokenizer.py)."""
-        if len(text) > self._max_chars:
+        if len(text) > self._max_tokenized:
             raise PromptError(f"the prompt has {len(text)} characters; this bundle's tokenizer.json can grow a "
-                              f"text {MAX_NORMALIZED // self._max_chars}-fold while tokenizing, so at most "
-                              f"{self._max_chars} are tokenized")
+                              f"text {MAX_NORMALIZED // self._max_tokenized}-fold while tokenizing, so at most "
+                              f"{self._max_tokenized} are tokenized")
         return text
 
     def encode_fragments(self, fragments: list[Fragment], allow_special_tokens: bool = False) -> list[int]:
