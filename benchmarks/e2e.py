@@ -66,17 +66,46 @@ def prepare(config: str, variant: str) -> tuple[Path, Path]:
 
 
 class TimedEngine:
-    """Wraps an engine and accumulates the time spent inside run()."""
+    """Wraps a step or sampler engine (engines/base.StepEngine) and accumulates the time spent inside its runs:
+    run() and execute() (a decode state's bound run). Its decode states are the inner engine's kind, bound to the
+    inner engine's session, so what is timed is what users run."""
 
     def __init__(self, inner):
         self.inner, self.spec, self.seconds, self.calls = inner, inner.spec, 0.0, 0
+        self.memory = inner.memory
 
-    def run(self, feeds):
+    @property
+    def closed(self):
+        return self.inner.closed
+
+    def _timed(self, fn, arg):
         t = time.perf_counter()
-        out = self.inner.run(feeds)
+        out = fn(arg)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         return out
+
+    def run(self, feeds):
+        return self._timed(self.inner.run, feeds)
+
+    def execute(self, binding):
+        return self._timed(self.inner.execute, binding)
+
+    def bind(self, *args, **kwargs):
+        return self.inner.bind(*args, **kwargs)
+
+    def unbind(self, binding):
+        self.inner.unbind(binding)
+
+    def release(self, stream):
+        self.inner.release(stream)
+
+    def new_state(self, layout, rows, capacity_hint=0, memory=None):
+        from emu3_rt.engines.state import DecodeState
+        from emu3_rt.kv_cache import capacity_for
+
+        return DecodeState(self, layout, rows, self.spec.output(layout.logits).dims[1], capacity_hint,
+                           memory or self.memory, capacity_for)
 
 
 def best_of(n: int, fn):
@@ -157,14 +186,15 @@ def bench_prefill(hf_model, model, length, repeats):
     import torch
 
     from emu3_rt.generate import prefill
-    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.kv_cache import new_state
     from emu3_rt.prompt import make_batch
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, model.bundle.vocab_size, length).tolist()
     batch = make_batch([ids], None, model.bundle.tokens.pad)
     chunk = model.bundle.search["prefill_chunk"]
-    t_rt, logits = best_of(repeats, lambda: prefill(model.engines["decoder"], KVCache(model.bundle, 1), batch, chunk))
+    engine = model.engines["decoder"]
+    t_rt, logits = best_of(repeats, lambda: prefill(engine, new_state(engine, model.bundle, 1), batch, chunk))
 
     def hf():
         with torch.no_grad():

@@ -7,11 +7,10 @@ same run and the memory roofline (weights + KV bytes / a measured device-to-devi
 
 Steps run on the full-vocabulary step graph (the logits read back are (R, 184,622) float32). When the bundle has a
 sampler graph, every step is also run with it chained (state.step_and_pick; CFG 3 over two rows, top-k 2048,
-sampled): `chained_*` figures, and the report's top-level bytes are those. What counts as traffic: a device state
-(cuda, or --bound on the CPU) counts only the step's ids / positions / mask slots and the sampler's small feeds in,
-the ids out (the logits never leave the engine); the host KVCache (the CPU default) gets its logits back as numpy
-and hands them to the sampler, so it counts them out and in (`bytes_logits_*`: the top-level figures without
-the sampler, logits read back). The 8B slice's 32-layer step is extrapolated as
+sampled): `chained_*` figures, and the report's top-level bytes are those. What counts as traffic: the decode state
+(the same DecodeState on the CPU's host memory and on CUDA) counts only the step's ids / positions / mask slots and
+the sampler's small feeds in, the ids out (the logits never leave the engine); `bytes_logits_*`: the top-level
+figures without the sampler, logits read back. The 8B slice's 32-layer step is extrapolated as
 fixed part + 32 x the per-layer slope between the 2- and 4-layer slices.
 """
 
@@ -52,9 +51,9 @@ def copy_bandwidth(device: str, device_id: int) -> float:
         from emu3_rt.engines.memory import CudaMemory
 
         mem = CudaMemory(device_id)
-        buffers = [mem.alloc(n), mem.alloc(n)]   # (address, allocation): alive while timed
-        (src, _), (dst, _) = buffers
-        copy, sync = (lambda: mem.copy2d(dst, n, src, n, n, 1)), mem.sync
+        src, dst, stream = mem.alloc((n,), "bool"), mem.alloc((n,), "bool"), mem.stream()   # alive while timed
+        copy = lambda: mem.copy2d(dst.ptr, n, src.ptr, n, n, 1, stream)  # noqa: E731
+        sync = lambda: mem.sync(stream)  # noqa: E731
     best = float("inf")
     for _ in range(5):
         sync()
@@ -65,7 +64,7 @@ def copy_bandwidth(device: str, device_id: int) -> float:
     return 2 * n / best
 
 
-def emu3_steps(engine, layout, vocab: int, rows: int, context: int, steps: int, bound, sampler=None) -> dict:
+def emu3_steps(engine, layout, vocab: int, rows: int, context: int, steps: int, sampler=None) -> dict:
     """ms per decode step and bytes per step on engine's own state, after a prefill of `context` random ids: the
     logits read back and argmax'ed on the host, or with `sampler` (the sampler graph's engine) chained onto the
     step, the bundle's chain (CFG 3 when rows == 2) picking in the engine."""
@@ -74,7 +73,7 @@ def emu3_steps(engine, layout, vocab: int, rows: int, context: int, steps: int, 
     from emu3_rt.prompt import make_batch
 
     ids = np.random.default_rng(1).integers(0, vocab, context).tolist()
-    state = engine.new_state(layout, rows, capacity_hint=context + steps + 2, bound=bound)
+    state = engine.new_state(layout, rows, capacity_hint=context + steps + 2)
     if sampler is None:   # (R, V) logits -> each row's argmax (R,)
         chained, fed = (lambda step: None), (lambda logits: logits.argmax(-1))
     else:                 # (B,) columns -> every stream of its sequence (R,)
@@ -145,7 +144,7 @@ def bench(name: str, ck: Path, bundle_dir: Path, args, bandwidth: float) -> list
     rows_out = []
     for rows in (1, 2):
         for context in args.contexts:
-            where = (engine, layout, vocab, rows, context, args.steps, True if args.bound else None)
+            where = (engine, layout, vocab, rows, context, args.steps)
             r = {"rows": rows, "context": context, **emu3_steps(*where)}
             if sampler is not None:   # the same step with the sampler graph chained: chained_* figures
                 r.update(emu3_steps(*where, sampler))
@@ -168,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", type=int_in(1), nargs="+", default=[64, 1024, 4096, 8192], metavar="N",
                     help="context lengths at which to time decode steps")
     ap.add_argument("--steps", type=int_in(1), default=16, help="decode steps timed per measurement")
-    ap.add_argument("--bound", action="store_true",
-                    help="on the CPU, decode through the device state (IOBinding over host memory), not KVCache")
     ap.add_argument("--cuda-graph", action="store_true", help="replay decode steps as CUDA graphs (device cuda)")
     ap.add_argument("--slice-8b", action="store_true",
                     help="also time the Emu3-Gen geometry with 2 and 4 layers (fp16) and extrapolate 32 layers")

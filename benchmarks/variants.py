@@ -46,12 +46,12 @@ def size_mb(path: Path) -> float:
 def teacher_forced_top1(model, reference) -> float:
     """Feed the reference's greedy chat tokens step by step; fraction of steps whose argmax equals them."""
     from emu3_rt.generate import decode_step, prefill
-    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.kv_cache import new_state
     from emu3_rt.prompt import make_batch
 
     same = total = 0
     for prompt_ids, tokens in reference:
-        cache = KVCache(model.bundle, 1)
+        cache = new_state(model.engines["decoder"], model.bundle, 1)
         logits = prefill(model.engines["decoder"], cache, make_batch([prompt_ids], None, model.bundle.tokens.pad),
                          512)
         for step, tok in enumerate(tokens):
@@ -64,7 +64,7 @@ def teacher_forced_top1(model, reference) -> float:
 def measure(model, grid, chat_tokens, contexts, is_visual) -> dict:
     from emu3_rt import SamplingOptions
     from emu3_rt.generate import decode_step, prefill
-    from emu3_rt.kv_cache import KVCache
+    from emu3_rt.kv_cache import new_state
     from emu3_rt.prompt import make_batch
 
     greedy = SamplingOptions(greedy=True)
@@ -88,7 +88,7 @@ def measure(model, grid, chat_tokens, contexts, is_visual) -> dict:
     for rows, key in ((1, "step_ms"), (2, "cfg_step_ms")):   # one row, and CFG's two rows in one call
         for ctx in contexts:
             ids = rng.integers(0, 30000, ctx).tolist()
-            cache = KVCache(model.bundle, rows)
+            cache = new_state(engine, model.bundle, rows)
             logits = prefill(engine, cache, make_batch([ids] * rows, None, model.bundle.tokens.pad), 512)
             if ctx == contexts[0] and rows == 1:
                 res["first_logits"] = logits[0]

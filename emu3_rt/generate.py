@@ -8,7 +8,7 @@ that one id whatever the logits, so the token is appended at once and rides into
 Rows: B sequences, or 2B under classifier-free guidance (cond rows, then uncond rows) that go through the step
 engine together, one call per step. Filters reduce (R, V) logits to (B, V) scores; the selector picks (B,) ids,
 which are appended to every stream of their sequence. The KV cache belongs to the decode state (engines/state.py:
-`engine.new_state(...)`, or kv_cache.KVCache for a run()-only engine); the loop hands it ids, mask and positions.
+`engine.new_state(...)`, the same DecodeState on every engine); the loop hands it ids, mask and positions.
 With the bundle's sampler graph (graph_sampler.GraphSampler) the state runs it on the step's logits where they
 are (state.step_and_pick), so only the chosen ids come back.
 """
@@ -21,9 +21,11 @@ from typing import Protocol
 
 import numpy as np
 
-from .engines import Engine, EngineError
-from .engines.state import StepState
+from .engines import EngineError
+from .engines.base import BoundEngine, StepEngine
+from .engines.state import DecodeState
 from .graph_sampler import GraphSampler
+from .kv_cache import ConcatCache
 from .prompt import Batch
 from .sampling import VisualGridConstraint
 
@@ -43,7 +45,9 @@ class Pick(Protocol):
 
 
 # a sampler graph chained onto the step: (its engine, its small feeds for this step) -> state.step_and_pick
-Chained = tuple[Engine, dict[str, np.ndarray]]
+Chained = tuple[BoundEngine, dict[str, np.ndarray]]
+# the step engine's decode state (ConcatCache: bundles exported with the legacy concat layout)
+StepState = DecodeState | ConcatCache
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class LoopOptions:
     grid: VisualGridConstraint | None = None
 
 
-def _run(engine: Engine, state: StepState, ids, mask, pos, where: str, chained: Chained | None) -> np.ndarray:
+def _run(engine: StepEngine, state: StepState, ids, mask, pos, where: str, chained: Chained | None) -> np.ndarray:
     """One step-graph call on (R, S) new tokens through the state: the last position's logits (R, V), or with a
     chained sampler graph its (B,) chosen columns. Errors name `where`."""
     try:
@@ -74,7 +78,8 @@ def _run(engine: Engine, state: StepState, ids, mask, pos, where: str, chained: 
         raise EngineError(f"{where}: {e}") from None
 
 
-def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int, chained: Chained | None = None) -> np.ndarray:
+def prefill(engine: StepEngine, state: StepState, batch: Batch, chunk: int,
+            chained: Chained | None = None) -> np.ndarray:
     """Run the prompt through the step graph in chunks; returns the last position's logits (R, V), or the chained
     sampler's (B,) columns on them."""
     starts = range(0, batch.ids.shape[1], chunk)
@@ -86,7 +91,7 @@ def prefill(engine: Engine, state: StepState, batch: Batch, chunk: int, chained:
     return out
 
 
-def decode_step(engine: Engine, state: StepState, ids: np.ndarray, step: int,
+def decode_step(engine: StepEngine, state: StepState, ids: np.ndarray, step: int,
                 chained: Chained | None = None) -> np.ndarray:
     """Feed the new tokens of every row, (R,) or (R, S) (S = 2: a forced token and the one before it), and return
     the next logits (R, V), or the chained sampler's (B,) columns."""
@@ -101,12 +106,15 @@ class Decoding:
     so a server can interleave, stream and cancel generations; `generate` below is the same loop run to the end.
     pick: a Pick on host logits, or a GraphSampler, which the decode state runs next to the step."""
 
-    def __init__(self, engine: Engine, state: StepState, batch: Batch, pick: Pick | GraphSampler, opts: LoopOptions):
+    def __init__(self, engine: StepEngine, state: StepState, batch: Batch, pick: Pick | GraphSampler,
+                 opts: LoopOptions):
         # cache: the decode state (engines/state.py), None once closed
         self.engine, self.cache, self.batch, self.pick, self.opts = engine, state, batch, pick, opts
         self.sampler = pick if isinstance(pick, GraphSampler) else None
-        self.tokens = np.zeros((batch.rows // opts.streams, 0), dtype=np.int64)    # (B, n) generated so far
-        self.done = np.zeros(self.tokens.shape[0], dtype=bool)                     # (B,) rows past their EOS
+        b = batch.rows // opts.streams
+        self._tokens = np.full((b, opts.max_new_tokens), opts.pad_id, dtype=np.int64)  # (B, budget), allocated once
+        self._n = 0                                                                   # ids generated per row
+        self.done = np.zeros(b, dtype=bool)                                           # (B,) rows past their EOS
         self.finished = False
         self._fed: list[np.ndarray] | None = None  # (B,) ids chosen since the model last ran; None: no prefill yet
 
@@ -115,7 +123,7 @@ class Decoding:
         or close()). The model runs lazily, so a generation closed after a step never pays for the next one."""
         if self.finished:
             return None
-        opts, n = self.opts, self.tokens.shape[1]
+        opts, n = self.opts, self._n
         forced = None if opts.grid is None or self._fed is None else opts.grid.forced(n)
         if forced is not None and ((forced >= 0) | self.done).all():
             self.pick.skip(len(self.done))     # no model run (module docstring)
@@ -124,12 +132,18 @@ class Decoding:
             columns = self._run_model(n)
         chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
         ids = np.where(self.done, opts.pad_id, chosen)                         # finished rows get pad
-        self.tokens = np.concatenate([self.tokens, ids[:, None]], axis=1)
+        self._tokens[:, n] = ids
+        self._n = n + 1
         self.done |= ids == opts.eos_id
         self._fed = (self._fed or []) + [ids]
         if self.done.all() or n + 1 == opts.max_new_tokens:
             self.close()
         return ids
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(B, n) ids generated so far (a view of the preallocated array)."""
+        return self._tokens[:, : self._n]
 
     def _run_model(self, n: int) -> np.ndarray:
         """Prefill, or the ids fed since the last run: the (B,) logits columns chosen for step n."""
@@ -152,7 +166,7 @@ class Decoding:
         self.cache = None
 
 
-def generate(engine: Engine, state: StepState, batch: Batch, pick: Pick | GraphSampler, opts: LoopOptions,
+def generate(engine: StepEngine, state: StepState, batch: Batch, pick: Pick | GraphSampler, opts: LoopOptions,
              on_token: OnToken | None = None) -> np.ndarray:
     """Generate up to opts.max_new_tokens ids per sequence; returns (B, n) including EOS and pad after it."""
     run = Decoding(engine, state, batch, pick, opts)

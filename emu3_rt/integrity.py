@@ -324,3 +324,19 @@ def graph_digest(path: Path) -> tuple[str, list[str]]:
     if isinstance(stamp, list) and len(stamp) == 7 and stamp[:5] == key and isinstance(stamp[6], list):
         return str(stamp[5]), [str(x) for x in stamp[6]]
     return sha256_file(path), sorted(external_data(path))
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file outside the manifest (a TensorRT plan), remembered in the stamp cache of its directory:
+    later calls on the unchanged file (size, mtime, ctime, inode, device) cost a stat instead of a read."""
+    fd, st = _open_regular(path, None)
+    os.close(fd)
+    cache = _stamp_path(path.parent)
+    stamps = _load_stamps(cache)
+    key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    stamp = stamps.get(path.name)
+    if isinstance(stamp, list) and len(stamp) == 6 and stamp[:5] == key and isinstance(stamp[5], str):
+        return stamp[5]
+    digest = sha256_file(path)
+    save_cached_json(cache, {**stamps, path.name: key + [digest]})
+    return digest

@@ -38,11 +38,12 @@ from .argcheck import (
 )
 from .bundle import Bundle, BundleError, load_bundle
 from .engines import Engine, OrtEngine, OrtOptions
+from .engines.base import BoundEngine, StepEngine
 from .engines.ort import check_threads
+from .engines.state import KVLayout
 from .generate import Decoding, LoopOptions
 from .generation import ChatGeneration, ChatResult, GenerationError, ImageGeneration, ImageResult, check_image_tokens  # noqa: F401
 from .graph_sampler import GraphSampler
-from .kv_cache import new_state
 from .options import SamplingOptions, sampling_options, seeded
 from .prompt import Batch, PromptEncoder, PromptError, calculate_generate_size, largest_image_area, make_batch
 from .sampling import ChainPicker, VisualGridConstraint, build_chain, guided
@@ -72,8 +73,8 @@ def _as_list(x) -> list:
 class Route:
     """What one task decodes with: the step graph, the sampler graph over its logits (None: the numpy chain), and
     its logits column -> token id table (None: the columns are the vocabulary)."""
-    step: Engine
-    sampler: Engine | None
+    step: StepEngine
+    sampler: BoundEngine | None
     logit_ids: np.ndarray | None
     # logits width of the step graph
     columns: int
@@ -200,8 +201,12 @@ class Emu3:
         opts = LoopOptions(max_new_tokens=max_new_tokens, eos_id=self.bundle.tokens.eos,
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=route.logit_ids, grid=grid)
-        # the step engine's own decode state (device buffers on GPU engines; host numpy on the CPU)
-        return Decoding(route.step, new_state(route.step, self.bundle, batch.rows), batch, pick, opts)
+        # the step engine's own decode state (engines/state.py: device buffers on GPU engines, host memory on the
+        # CPU). An image's length is exact (the prompt, then its grid's tokens), so its state gets its whole
+        # capacity now and never grows; a reply's length is not known (EOS), so chat's state grows as it goes.
+        hint = batch.ids.shape[1] + max_new_tokens if grid is not None else 0
+        state = route.step.new_state(KVLayout.from_bundle(self.bundle), batch.rows, capacity_hint=hint)
+        return Decoding(route.step, state, batch, pick, opts)
 
     # ---- chat ----
 
@@ -452,7 +457,7 @@ def load(bundle_dir: str | Path | None = None, *, engine: str = "ort", device: s
     else:
         from .engines.trt import TrtEngine, plan_for
 
-        engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key), device_id) for key in keys}
+        engines = {key: TrtEngine(getattr(bundle, key), plan_for(bundle, key, device_id), device_id) for key in keys}
     _open_in_background(engines, warm)
     return Emu3(bundle, engines, prefill_chunk, host_argmax=sampler is None and engine == "ort" and device == "cpu")
 

@@ -35,13 +35,15 @@ def _profiles(manifest: dict, graph: str, max_batch: int, max_side: int) -> list
     # past = the filled cache (concat), or the runtime's buffer, whose capacity is a multiple of KV_BLOCK
     top = -(-ctx // KV_BLOCK) * KV_BLOCK if dec["kv_cache"] == "buffer" else ctx - 1
     profiles = []
+    # rows (min, opt, max): opt is CFG's two rows, never above max (--max-batch 1: one row without CFG)
+    rows = (1, min(2, max_batch), max_batch)
     # (min, opt, max) of the new tokens and of the past: a prefill profile and a decode profile
     for seq, past in (((1, chunk, chunk), (0, 0, top)), ((1, 1, 1), (1, min(1024, top), top))):
-        p = {"input_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
-             "position_ids": tuple((b, s) for b, s in zip((1, 2, max_batch), seq)),
-             "attention_mask": tuple((b, s + q) for b, s, q in zip((1, 2, max_batch), seq, past))}
+        p = {"input_ids": tuple((b, s) for b, s in zip(rows, seq)),
+             "position_ids": tuple((b, s) for b, s in zip(rows, seq)),
+             "attention_mask": tuple((b, s + q) for b, s, q in zip(rows, seq, past))}
         for name in past_names:
-            p[name] = tuple((b, kv, q, d) for b, q in zip((1, 2, max_batch), past))
+            p[name] = tuple((b, kv, q, d) for b, q in zip(rows, past))
         profiles.append(p)
     return profiles
 
@@ -72,6 +74,13 @@ def build_plan(onnx_path: Path, plan_path: Path, profiles: list[dict], workspace
     plan_path.write_bytes(bytes(plan))
 
 
+def plan_record(plan: Path, onnx_path: Path) -> dict:
+    """plans.json's entry for a plan: its sha256 and that of the ONNX file it was compiled from, hashed from the
+    file itself (the manifest's hash would vouch for a graph file changed since it was written; the runtime then
+    compares this with bundle.json and refuses a plan built from another graph)."""
+    return {"filename": plan.name, "sha256": sha256_file(plan), "onnx_sha256": sha256_file(onnx_path)}
+
+
 GRAPHS = ("decoder_step", "decoder_step_visual", "vq_encoder", "vq_decoder")
 # graph -> its block under bundle.json's "model" (and key in plans.json, as emu3_rt.engines.trt.plan_for reads it)
 KEYS = {"decoder_step": "decoder", "decoder_step_visual": "image_decoder", "vq_encoder": "vq_encoder",
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="most rows per call: 2 x prompts under CFG (default: 2, one prompt with CFG)")
     ap.add_argument("--max-image-side", type=int_in(8, 8192), default=1024,
                     help="largest image side in pixels, a multiple of 8 (the VQ graphs' profile)")
+    ap.add_argument("--device-id", type=int_in(0, 1023), default=0,
+                    help="the GPU to build on (and whose architecture the plans record; the runtime's device_id)")
     ap.add_argument("--workspace-gb", type=int_in(1, 1024), default=8, help="TensorRT builder workspace in GiB")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only errors")
     args = ap.parse_args(argv)
@@ -118,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"{error} needs the trt extra (tensorrt + cuda-python) and a GPU", file=sys.stderr)
         return 2
-    err, prop = cudart.cudaGetDeviceProperties(0)
+    err, prop = cudart.cudaGetDeviceProperties(args.device_id)
+    if int(err) == 0:
+        (err,) = cudart.cudaSetDevice(args.device_id)   # TensorRT builds on the current device
     if int(err) != 0:
         print(f"{error} no CUDA device ({err})", file=sys.stderr)
         return 2
@@ -139,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             build_plan(onnx_path, plan_path, _profiles(manifest, key, args.max_batch, args.max_image_side),
                        args.workspace_gb)
             log(f"{graph} ({i}/{len(args.graphs)}) ... {time.perf_counter() - t:.1f} s")
-            record["plans"][key] = {"filename": plan_path.name, "sha256": sha256_file(plan_path),
-                                    "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]}
+            record["plans"][key] = plan_record(plan_path, onnx_path)
     except KeyboardInterrupt:
         log.close()
         print(f"{ap.prog}: interrupted", file=sys.stderr)

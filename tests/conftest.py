@@ -117,15 +117,21 @@ def finishes(fn, seconds: float = 60.0):
 
 
 def engine_runs(monkeypatch) -> list[str]:
-    """Every OrtEngine.run from now on, as the graph file's name (in order): to count steps and sampler calls."""
+    """Every OrtEngine run from now on, one-shot (run) or on a decode state's bound buffers (execute), as the graph
+    file's name (in order): to count steps and sampler calls."""
     from emu3_rt.engines import ort
 
     calls: list[str] = []
-    real = ort.OrtEngine.run
+    real_run, real_execute = ort.OrtEngine.run, ort.OrtEngine.execute
 
     def run(self, feeds):
         calls.append(self.spec.path.name)
-        return real(self, feeds)
+        return real_run(self, feeds)
+
+    def execute(self, binding):
+        calls.append(self.spec.path.name)
+        return real_execute(self, binding)
 
     monkeypatch.setattr(ort.OrtEngine, "run", run)
+    monkeypatch.setattr(ort.OrtEngine, "execute", execute)
     return calls

@@ -120,6 +120,7 @@ def test_generate_image_rejects_bad_arguments(model, monkeypatch, kwargs, exc, n
     kwargs = {"prompts": "a cat", **IMAGE, **kwargs}
     decoder, calls = model.engines["decoder"], []
     monkeypatch.setattr(decoder, "run", lambda feeds, run=decoder.run: calls.append(1) or run(feeds))
+    monkeypatch.setattr(decoder, "execute", lambda b, run=decoder.execute: calls.append(1) or run(b))
     with pytest.raises(exc) as e:
         model.generate_image(kwargs.pop("prompts"), **kwargs)
     _one_line(e, needle)

@@ -111,7 +111,7 @@ def test_a_failing_step_releases_the_state(model, monkeypatch):
     gen = model.start_chat("hello", sampling=GREEDY, max_new_tokens=8)
     gen.step()
     engine = model.route("chat").step
-    monkeypatch.setattr(engine, "run", lambda feeds: (_ for _ in ()).throw(emu3_rt.EngineError("boom")))
+    monkeypatch.setattr(engine, "execute", lambda binding: (_ for _ in ()).throw(emu3_rt.EngineError("boom")))
     with pytest.raises(emu3_rt.EngineError, match="boom"):
         gen.step()
     assert gen.done and gen._decoding.cache is None

@@ -18,6 +18,7 @@ import pytest
 import emu3_rt
 from emu3_rt import SamplingOptions
 from emu3_rt.bundle import BundleError, load_bundle
+from emu3_rt.engines.state import HostStepEngine
 from emu3_rt.integrity import external_data
 from emu3_rt.pipeline import Emu3
 
@@ -26,6 +27,9 @@ from .conftest import TINY_BUNDLE
 GREEDY = SamplingOptions(greedy=True)
 IMAGE_GRAPHS = ("decoder_step_visual.onnx", "sampler_visual.onnx")
 CHAT_GRAPHS = ("decoder_step.onnx", "sampler.onnx")
+
+
+BOUND = ("decoder", "image_decoder", "sampler", "image_sampler")
 
 
 class Counted:
@@ -48,7 +52,9 @@ def _counted(bundle_dir=None, drop=()):
     """A model whose engines count their runs (and lack the `drop` keys); returns (model, calls, touched)."""
     loaded = emu3_rt.load(bundle_dir)
     calls, touched = {}, set()
-    engines = {k: Counted(e, calls, touched) for k, e in loaded.engines.items() if k not in drop}
+    # step and sampler graphs: the same decode state over Counted's run() (engines.state.HostStepEngine)
+    engines = {k: HostStepEngine(Counted(e, calls, touched)) if k in BOUND else Counted(e, calls, touched)
+               for k, e in loaded.engines.items() if k not in drop}
     return Emu3(loaded.bundle, engines), calls, touched
 
 

@@ -1,4 +1,4 @@
-"""The KV buffer owner on the embedded tiny bundle (numpy + onnxruntime only, no torch)."""
+"""KV capacities and layouts on the embedded tiny bundle (numpy + onnxruntime only, no torch)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,34 @@ import pytest
 import emu3_rt
 from emu3_rt import kv_cache
 from emu3_rt.bundle import load_bundle
-from emu3_rt.kv_cache import KVCache
+from emu3_rt.engines import OrtEngine
+from emu3_rt.kv_cache import new_state
 
 from .conftest import TINY_BUNDLE
 
 
 def test_buffer_grows_in_blocks_and_keeps_rows(monkeypatch):
+    """The decode state's capacity grows by capacity_for (blocks of KV_BLOCK at most), keeping every row's slots and
+    mask (row 1 left-padded by one), and the mask input covers capacity + new columns."""
     monkeypatch.setattr(kv_cache, "KV_BLOCK", 4)
     bundle = load_bundle(TINY_BUNDLE)
     assert bundle.kv_cache == "buffer"
-    cache = KVCache(bundle, rows=2)
-    kv, d = bundle.manifest["model"]["decoder"]["num_key_value_heads"], bundle.manifest["model"]["decoder"]["head_size"]
-    rng = np.random.default_rng(0)
-    written = []
+    engine = OrtEngine(bundle.decoder)
+    state = new_state(engine, bundle, 2)
     for s in (3, 1, 1, 6):  # 3 -> cap 4, 4 -> 4, 5 -> 8, 11 -> 12
-        ids = np.zeros((2, s), np.int64)
+        ids = np.full((2, s), 5, np.int64)
         mask = np.ones((2, s), np.int64)
-        mask[1, 0] = 0 if cache.length == 0 else 1          # row 1 left-padded by one
-        feeds = cache.feeds(ids, mask, np.zeros((2, s), np.int64))
-        cap = cache.capacity
-        assert cap % 4 == 0 and cap >= cache.length + s
-        assert feeds["attention_mask"].shape == (2, cap + s)
-        assert feeds["past_key_values.0.key"].shape == (2, kv, cap, d)
-        new = {name: rng.standard_normal((2, kv, s, d)).astype(np.float32) for name in cache.present_names}
-        written.append(new["present.1.value"])
-        cache.advance(new, mask, np.arange(s)[None].repeat(2, 0) + cache.length)
-    assert cache.length == 11 and cache.capacity == 12
-    np.testing.assert_array_equal(cache.past[3][:, :, :11], np.concatenate(written, axis=2))
-    assert (cache.past[3][:, :, 11:] == 0).all()
-    assert cache.slot_mask.tolist() == [[1] * 11 + [0], [0] + [1] * 10 + [0]]
-    assert cache.next_positions.tolist() == [11, 11]
+        mask[1, 0] = 0 if state.length == 0 else 1          # row 1 left-padded by one
+        state.step(engine, ids, mask, np.arange(s)[None].repeat(2, 0) + state.length)
+        cap = state.capacity
+        assert cap % 4 == 0 and cap >= state.length
+        io = state._ios[s]
+        assert io.mask.shape == (2, cap + s) and state.kv[0].shape[2] == cap
+    assert state.length == 11 and state.capacity == 12
+    assert state.slot_mask.tolist() == [[1] * 11 + [0], [0] + [1] * 10 + [0]]
+    assert state.next_positions.tolist() == [11, 11]
+    kv = state.memory.host_view(state.kv[3])
+    assert np.isfinite(kv).all() and (kv[:, :, 11:] == 0).all() and (kv[:, :, :11] != 0).any()
 
 
 def test_block_size_does_not_change_tokens(monkeypatch):
@@ -76,6 +74,22 @@ def test_trt_profiles_cover_every_buffer_capacity():
         assert top[2] >= largest and mask_top[1] == top[2] + seq
         assert profile["input_ids"][2] == (2, seq)
     assert decode["past_key_values.0.key"][0][2] <= KV_BLOCK  # the smallest buffer the runtime makes
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_trt_profiles_are_valid_for_every_max_batch(max_batch):
+    """Bug 5 of issue 20: every profile's shapes satisfy min <= opt <= max in every dimension, --max-batch 1
+    included (opt batch was always 2, above max)."""
+    import json
+
+    from export.build_trt import _profiles
+
+    manifest = json.loads((TINY_BUNDLE / "bundle.json").read_text())
+    for graph in ("decoder", "image_decoder", "vq_encoder", "vq_decoder"):
+        for profile in _profiles(manifest, graph, max_batch=max_batch, max_side=128):
+            for name, (lo, opt, hi) in profile.items():
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (graph, name, lo, opt, hi)
+                assert hi[0] == max_batch, (graph, name)
 
 
 def test_host_capacity_blocks_grow_with_the_length():

@@ -12,6 +12,7 @@ import pytest
 import emu3_rt
 from emu3_rt.cli import main
 from emu3_rt.engines import EngineError
+from emu3_rt.engines.state import HostStepEngine
 from emu3_rt.generation import GenerationError, check_image_tokens
 from emu3_rt.options import SamplingOptions
 from emu3_rt.prompt import PromptError
@@ -51,7 +52,8 @@ def test_manifest_dtype_mismatch(bundle_copy):
 
 
 class FailingEngine:
-    """Wraps the real step engine and fails on its n-th call."""
+    """Wraps the real step engine and fails on its n-th call (run() only: engines.state.HostStepEngine makes it a
+    step engine, over the same decode state)."""
 
     def __init__(self, inner, fail_at: int):
         self.inner, self.spec, self.calls, self.fail_at = inner, inner.spec, 0, fail_at
@@ -67,7 +69,7 @@ class FailingEngine:
 
 def test_engine_failure_names_the_step():
     model = emu3_rt.load()  # images run the bundle's image step graph (--head both)
-    model.engines["image_decoder"] = FailingEngine(model.engines["image_decoder"], fail_at=6)
+    model.engines["image_decoder"] = HostStepEngine(FailingEngine(model.engines["image_decoder"], fail_at=6))
     with pytest.raises(EngineError, match=r"^decode step 4: decoder_step_visual.onnx: run failed"):
         model.generate_image("a cat", seed=0)
 
@@ -77,7 +79,7 @@ def test_engine_failure_in_cli_writes_nothing(tmp_path, capsys, monkeypatch):
 
     def load_failing(*a, **k):
         model = real_load(*a, **k)
-        model.engines["image_decoder"] = FailingEngine(model.engines["image_decoder"], fail_at=30)
+        model.engines["image_decoder"] = HostStepEngine(FailingEngine(model.engines["image_decoder"], fail_at=30))
         return model
 
     monkeypatch.setattr(emu3_rt.pipeline, "load", load_failing)
@@ -93,7 +95,7 @@ def test_cfg_always_runs_the_unconditional_rows():
     """cfg_scale != 1 doubles the rows of every engine call; cfg_scale == 1 does not."""
     model = emu3_rt.load()
     spy = FailingEngine(model.engines["image_decoder"], fail_at=-1)
-    model.engines["image_decoder"] = spy
+    model.engines["image_decoder"] = HostStepEngine(spy)
     model.generate_image(["a", "b"], cfg_scale=3.0, seed=0)
     assert set(spy.rows) == {4}
     spy.rows.clear()

@@ -48,17 +48,16 @@ def test_chat_equals_numpy_chain(models, sampling):
 
 def test_one_sampler_call_per_step_and_no_logits_chain_on_host(models, monkeypatch):
     graph, _ = models
-    calls = []
-    real = ort.OrtEngine.run
+    calls = engine_runs(monkeypatch)
+    real = ort.OrtEngine.execute
 
-    def run(self, feeds):
-        calls.append(self.spec.path.name)
-        out = real(self, feeds)
-        if self.spec.path.name == "sampler_visual.onnx":   # images: the visual head's sampler
-            assert set(out) == {"ids", "logprobs"} and out["ids"].shape == (1,)
-        return out
+    def execute(self, binding):
+        if self.spec.path.name == "sampler_visual.onnx":   # images: the visual head's sampler, on the step's logits
+            assert set(binding.outputs) == {"ids", "logprobs"} and binding.outputs["ids"].shape == (1,)
+            assert binding.inputs["logits"].shape == (2, self.spec.input("logits").dims[1])
+        return real(self, binding)
 
-    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    monkeypatch.setattr(ort.OrtEngine, "execute", execute)
     r = graph.generate_image("x", cfg_scale=3.0, image_area=64 * 64, sampling=emu3_rt.SamplingOptions(), seed=1)
     (h, w), = r.grids
     assert len(r.tokens[0]) == h * (w + 1) + 3
@@ -90,18 +89,18 @@ def test_sampler_io_must_match_the_step_graph(bundle_copy):
 
 def test_engine_failure_in_the_sampler_names_the_step(models, monkeypatch):
     graph, _ = models
-    real = ort.OrtEngine.run
+    real = ort.OrtEngine.execute
 
     calls = []
 
-    def run(self, feeds):
+    def execute(self, binding):
         if self.spec.path.name == "sampler_visual.onnx":
             calls.append(1)
             if len(calls) == 3:
                 raise emu3_rt.EngineError("sampler_visual.onnx: run failed (injected)")
-        return real(self, feeds)
+        return real(self, binding)
 
-    monkeypatch.setattr(ort.OrtEngine, "run", run)
+    monkeypatch.setattr(ort.OrtEngine, "execute", execute)
     with pytest.raises(emu3_rt.EngineError, match="sampler_visual.onnx"):
         graph.generate_image("x", cfg_scale=1.0, image_area=64 * 64, sampling=GREEDY)
 

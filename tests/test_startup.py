@@ -21,7 +21,7 @@ from emu3_rt.bundle import load_bundle  # noqa: E402
 from emu3_rt.engines import EngineError, OrtEngine, OrtOptions  # noqa: E402
 from emu3_rt.engines import ort as ort_engine  # noqa: E402
 from emu3_rt.generate import decode_step, prefill  # noqa: E402
-from emu3_rt.kv_cache import KVCache  # noqa: E402
+from emu3_rt.kv_cache import new_state  # noqa: E402
 from emu3_rt.prompt import make_batch  # noqa: E402
 
 from .conftest import TINY_BUNDLE, finishes  # noqa: E402
@@ -78,7 +78,7 @@ def embedded_decoder(bundle, tmp_path):
 
 def step(engine, bundle) -> tuple[np.ndarray, np.ndarray]:
     """Prefill logits (2, V) and one decode step's logits (2, V) on fixed ids."""
-    kv = KVCache(bundle, 2)
+    kv = new_state(engine, bundle, 2)
     batch = make_batch([[5, 9, 2, 7, 11, 3], [4, 4, 8]], None, bundle.tokens.pad)
     first = prefill(engine, kv, batch, 4)
     return first, decode_step(engine, kv, np.array([6, 10]), 0)

@@ -1,6 +1,14 @@
-"""The engine protocol: a graph behind `run(feeds) -> dict`, so the decode loop never sees ORT or TensorRT.
+"""The engine protocols, so the decode loop and its state never see onnxruntime or TensorRT.
 
-feeds and results are name -> np.ndarray, names and dtypes as in the bundle manifest.
+* Engine: a graph behind `run(feeds) -> dict` (feeds and results are name -> np.ndarray, names and dtypes as in
+  the bundle manifest): the VQ graphs, and any graph run once per call.
+* BoundEngine: a graph that also runs on tensors already in a memory backend (engines/memory.py): `bind` names the
+  buffers once (onnxruntime IOBinding, TensorRT tensor addresses), `execute` runs it on them, ordered on the
+  binding's stream, `unbind` frees what the binding held, `release(stream)` what a state's stream held (TensorRT
+  execution contexts). The sampler graph chained onto a step is one.
+* StepEngine: a BoundEngine for the decoder step that makes decode states (engines/state.py) on its `memory`.
+
+Every method here is what the loop and the state call: nothing is found by getattr.
 """
 
 from __future__ import annotations
@@ -20,6 +28,29 @@ class Engine(Protocol):
     spec: GraphSpec
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class BoundEngine(Engine, Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    # inputs / outputs: name -> memory.Buffer in `memory`. graph: this binding is replayed many times with the same
+    # addresses (a one-token decode step), so an engine may capture it (onnxruntime CUDA graphs)
+    def bind(self, memory, stream, inputs: dict, outputs: dict, graph: bool = False): ...
+
+    # runs after the work queued on the binding's stream so far; its outputs are ready for work queued after it
+    def execute(self, binding) -> None: ...
+
+    def unbind(self, binding) -> None: ...
+
+    def release(self, stream) -> None: ...
+
+
+class StepEngine(BoundEngine, Protocol):
+    memory: object   # engines/memory.Memory: where its decode states live
+
+    # engines/state.DecodeState (or kv_cache.ConcatCache for a concat-layout bundle)
+    def new_state(self, layout, rows: int, capacity_hint: int = 0, memory=None): ...
 
 
 def check_io(spec: GraphSpec, inputs: dict[str, tuple[str, tuple]], outputs: dict[str, tuple[str, tuple]]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import numbers
 import os
@@ -238,6 +237,39 @@ def check_fp16_fits(spec: GraphSpec) -> None:
                           f"it on a GPU (--device cuda)")
 
 
+class GraphIds:
+    """CUDA graph ids for one session. onnxruntime keeps every graph it captured until the session closes, and a
+    graph replays the addresses it was captured with, so an id is handed out per binding signature (the bound
+    names, addresses and shapes) and returned when the binding goes: a later state whose buffers land at the same
+    addresses (CudaMemory(reuse=True) hands freed blocks back in order) replays the same graph instead of
+    capturing a new one. Ids start at 1 (0 is onnxruntime's default graph, -1 means none)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[tuple, list[int]] = {}   # signature -> ids captured for it, not in use
+        self._taken: dict[int, tuple] = {}
+        self.made = 0
+
+    def take(self, signature: tuple) -> int:
+        with self._lock:
+            free = self._free.get(signature)
+            if free:
+                gid = free.pop()
+            else:
+                self.made += 1
+                gid = self.made
+            self._taken[gid] = signature
+            return gid
+
+    def give(self, gid: int) -> None:
+        with self._lock:
+            self._free.setdefault(self._taken.pop(gid), []).append(gid)
+
+    @property
+    def in_use(self) -> int:
+        return len(self._taken)
+
+
 class OrtEngine:
     def __init__(self, spec: GraphSpec, options: OrtOptions = OrtOptions()):
         if options.device not in PROVIDERS:
@@ -247,7 +279,9 @@ class OrtEngine:
         self._session = None
         self._lock = threading.Lock()
         self.closed = False
-        self._graph_ids = itertools.count(1)   # CUDA graph ids (0 is reserved by onnxruntime, -1 means none)
+        self._memory = None
+        self._graph_ids = GraphIds()
+        self._graph_lock = threading.Lock()
 
     def _providers(self, ort) -> list:
         wanted = PROVIDERS[self.options.device]
@@ -304,6 +338,11 @@ class OrtEngine:
             sess = self._open(ort, path, self._session_options(ort, "ORT_ENABLE_ALL"), providers)
             self._check(sess)
         self._output_names = [o.name for o in sess.get_outputs()]
+        self.ort = ort
+        # bound runs without a captured graph; -1 tells a cuda_graph session not to capture or replay one
+        self._run_options = ort.RunOptions()
+        if self.options.cuda_graph:
+            self._run_options.add_run_config_entry("gpu_graph_id", "-1")
         return sess
 
     def _session_options(self, ort, level: str):
@@ -411,28 +450,83 @@ class OrtEngine:
             raise EngineError(f"{self.spec.path.name}: run failed ({str(e).splitlines()[0][:200]})") from None
         return dict(zip(self._output_names, values))
 
-    # ---- decode states (engines/state.py) ----
+    # ---- bound runs and decode states (engines/base.py's BoundEngine and StepEngine) ----
 
-    def new_state(self, layout, rows: int, capacity_hint: int = 0, bound: bool | None = None):
-        """One generation's decode state on this engine. bound None: device buffers (IOBinding, the KV written on
-        the device) on cuda / tensorrt, the host KVCache on the CPU; True on the CPU runs the device path over host
-        OrtValues (the same bindings and copies, e.g. to test or measure it). Concat bundles keep the host path."""
+    @property
+    def memory(self):
+        """Where this engine's decode states live: host memory on the CPU, the CUDA device otherwise (made once)."""
+        with self._lock:
+            if self._memory is None:
+                from .memory import CudaMemory, HostMemory
+
+                self._memory = HostMemory() if self.options.device == "cpu" else CudaMemory(
+                    self.options.device_id, reuse=self.options.cuda_graph)
+        return self._memory
+
+    def new_state(self, layout, rows: int, capacity_hint: int = 0, memory=None):
+        """One generation's decode state on this engine (engines/state.DecodeState over self.memory, or `memory`);
+        a concat-layout bundle gets kv_cache.ConcatCache. CUDA graphs: capacities grow in KV_BLOCK multiples, so a
+        generation captures few graphs."""
         from .. import kv_cache
+        from .state import DecodeState
 
-        if bound is None:
-            bound = self.options.device != "cpu" and layout.kind == "buffer"
-        if not bound:
-            return kv_cache.KVCache(layout, rows, capacity_hint, owner=self)
-        from .device_state import DeviceState, OrtRunner
-        from .memory import CudaMemory, HostMemory
+        if layout.kind != "buffer":
+            return kv_cache.ConcatCache(layout, rows, owner=self)
+        _ = self.session   # first: a missing provider is the error to report
+        grow = kv_cache.block_capacity if self.options.cuda_graph else kv_cache.capacity_for
+        return DecodeState(self, layout, rows, self.spec.output(layout.logits).dims[1], capacity_hint,
+                           memory if memory is not None else self.memory, grow)
 
-        session = self.session   # first: a missing provider is the error to report
-        memory = HostMemory() if self.options.device == "cpu" else CudaMemory(self.options.device_id)
-        graphs = self._graph_ids if self.options.cuda_graph else None
-        runner = OrtRunner(import_onnxruntime(), session, memory, self.spec.path.name, graphs)
-        return DeviceState(self, runner, layout, rows, self.spec.output(layout.logits).dims[1], capacity_hint)
+    def bind(self, memory, stream, inputs: dict, outputs: dict, graph: bool = False) -> _Binding:
+        """An IOBinding of memory.Buffers (by address, so onnxruntime reads and writes them in place)."""
+        from .memory import ONNX_TYPE
+
+        b = self.session.io_binding()
+        for side, bind in ((inputs, b.bind_input), (outputs, b.bind_output)):
+            for name, buf in side.items():
+                bind(name, memory.device_type, memory.device_id, ONNX_TYPE[buf.dtype], list(buf.shape), buf.ptr)
+        graph_id = None
+        if graph and self.options.cuda_graph:
+            graph_id = self._graph_ids.take(tuple((n, buf.ptr, buf.shape) for side in (inputs, outputs)
+                                                  for n, buf in sorted(side.items())))
+        return _Binding(b, memory, stream, graph_id, inputs, outputs)
+
+    def execute(self, binding: _Binding) -> None:
+        """Wait for the stream's queued copies (onnxruntime runs on its own stream and synchronizes it when the run
+        ends), then run. A captured graph replays under the engine's lock: onnxruntime runs one captured graph at
+        a time per session."""
+        binding.memory.sync(binding.stream)
+        sess = self.session
+        try:
+            if binding.graph_id is None:
+                sess.run_with_iobinding(binding.io, self._run_options)
+            else:
+                opts = self.ort.RunOptions()
+                opts.add_run_config_entry("gpu_graph_id", str(binding.graph_id))
+                with self._graph_lock:
+                    sess.run_with_iobinding(binding.io, opts)
+        except Exception as e:
+            raise EngineError(f"{self.spec.path.name}: run failed ({str(e).splitlines()[0][:200]})") from None
+
+    def unbind(self, binding: _Binding) -> None:
+        if binding.graph_id is not None:
+            self._graph_ids.give(binding.graph_id)
+            binding.graph_id = None
+        binding.io = None
+
+    def release(self, stream) -> None:
+        pass
 
     def close(self) -> None:
         """Drop the session; states made by this engine are refused from now on (idempotent)."""
         with self._lock:
             self.closed, self._session = True, None
+
+
+class _Binding:
+    """An onnxruntime IOBinding with the memory and stream its buffers' copies are queued on; graph_id: the CUDA
+    graph it replays (one-token steps of one capacity under cuda_graph), None otherwise."""
+
+    def __init__(self, io, memory, stream, graph_id: int | None, inputs: dict, outputs: dict):
+        self.io, self.memory, self.stream, self.graph_id = io, memory, stream, graph_id
+        self.inputs, self.outputs = inputs, outputs   # name -> memory.Buffer
