@@ -142,17 +142,26 @@ class HostMemory:
         self.counts.add(streams=-1)
 
     def copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
-        if width and height:
+        if not (width and height):
+            return
+        if height == 1 or (dpitch == spitch == width):   # one contiguous run
+            ctypes.memmove(dst, src, width * height)
+        elif height <= 64:   # a state's (rows x heads) runs: a memmove each beats building strided views (~20x)
+            move = ctypes.memmove
+            for i in range(height):
+                move(dst + i * dpitch, src + i * spitch, width)
+        else:
             _strided(dst, dpitch, width, height)[...] = _strided(src, spitch, width, height)
 
     def sync(self, stream) -> None:
         pass
 
     def host_view(self, buf: Buffer) -> np.ndarray | None:
-        """buf as a numpy array over its memory (bf16: None, numpy has no such dtype)."""
+        """buf as a numpy array over its memory, no copy (bf16: None, numpy has no such dtype)."""
         if buf.dtype not in _NUMPY:
             return None
-        return np.frombuffer(buf.keep, _NUMPY[buf.dtype], int(np.prod(buf.shape))).reshape(buf.shape)
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(buf.nbytes, 1)).from_address(buf.ptr))
+        return raw[: buf.nbytes].view(_NUMPY[buf.dtype]).reshape(buf.shape)
 
 
 def check(result):

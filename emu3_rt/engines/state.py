@@ -122,6 +122,13 @@ class _Resources:
         self.buffers.append(buf)
         return buf
 
+    def alloc_split(self, count: int, shape, dtype: str) -> tuple[Buffer, list[Buffer]]:
+        """One block (count, *shape) and its `count` consecutive tensors: every layer's K and V in one allocation,
+        so one pitched copy moves a step's new rows of all layers (one call instead of 2 x layers)."""
+        block = self.alloc((count, *shape), dtype)
+        step = block.nbytes // max(count, 1)
+        return block, [Buffer(block.ptr + i * step, tuple(shape), dtype) for i in range(count)]
+
     def free(self, buffers, bindings=()) -> None:
         """Free some buffers and bindings now (growth): after the work in flight on them."""
         self.memory.sync(self.stream)
@@ -158,7 +165,9 @@ class _Io:
         self.s = s
         self.ids, self.pos = res.alloc((r, s), "int64"), res.alloc((r, s), "int64")
         self.mask = res.alloc((r, c + s), "int64")
-        self.presents = [res.alloc((r, lay.kv_heads, s, lay.head_size), lay.dtype) for _ in lay.present_names]
+        # (2L, R, KV, S, D): one block, so the presents of every layer sit at one pitch (DecodeState._store)
+        self.present_block, self.presents = res.alloc_split(len(lay.present_names),
+                                                            (r, lay.kv_heads, s, lay.head_size), lay.dtype)
         self.logits = res.alloc((r, state.columns), "float32")
         self.mirror = np.zeros((r, c), np.int64)
         inputs = {lay.input_ids: self.ids, lay.position_ids: self.pos, lay.attention_mask: self.mask,
@@ -172,7 +181,7 @@ class _Io:
         self.pick: tuple | None = None
 
     def buffers(self) -> list[Buffer]:
-        out = [self.ids, self.pos, self.mask, *self.presents, self.logits]
+        out = [self.ids, self.pos, self.mask, self.present_block, self.logits]
         if self.pick is not None:
             out += [*self.pick[2].values(), *self.pick[3]]
         return out
@@ -205,7 +214,8 @@ class DecodeState:
         self._finalizer = weakref.finalize(self, self._res.close)
         self.traffic = Traffic()
         self.rows = rows
-        self.kv: list[Buffer] = []
+        self.kv: list[Buffer] = []                       # per layer K, V (R, KV, C, D): views of one block
+        self._kv_block: Buffer | None = None             # (2L, R, KV, C, D)
         self.lengths = np.zeros(rows, np.int64)          # (R,) filled slots per row
         self.next_positions = np.zeros(rows, np.int64)   # (R,) position id of each row's next token
         self.live = np.ones(rows, bool)                  # (R,) rows in use (release_rows / add_rows)
@@ -243,12 +253,17 @@ class DecodeState:
         lay, old, old_cap, keep = self.layout, self.kv, self.capacity, min(self.rows, rows)
         row = lay.head_size * ITEMSIZE[lay.dtype]       # bytes of one position of one head
         n = self.length
-        grown = [self._res.alloc((rows, lay.kv_heads, cap, lay.head_size), lay.dtype) for _ in lay.past_names]
-        for new, buf in zip(grown, old):   # (kept rows x KV) runs of n slots, old pitch -> new pitch
-            self.memory.copy2d(new.ptr, cap * row, buf.ptr, old_cap * row, n * row, keep * lay.kv_heads, self.stream)
+        block, grown = self._res.alloc_split(len(lay.past_names), (rows, lay.kv_heads, cap, lay.head_size), lay.dtype)
+        if old and keep == self.rows == rows:   # every layer's (R x KV) runs of n slots at once, old pitch -> new
+            self.memory.copy2d(block.ptr, cap * row, self._kv_block.ptr, old_cap * row, n * row,
+                               len(old) * rows * lay.kv_heads, self.stream)
+        else:
+            for new, buf in zip(grown, old):   # (kept rows x KV) runs of n slots
+                self.memory.copy2d(new.ptr, cap * row, buf.ptr, old_cap * row, n * row, keep * lay.kv_heads,
+                                   self.stream)
         self._drop_ios()
-        self._res.free(old)   # syncs: the copies above have landed
-        self.kv = grown
+        self._res.free([self._kv_block] if self._kv_block is not None else [])   # syncs: the copies have landed
+        self.kv, self._kv_block = grown, block
         mask = np.zeros((rows, cap), np.int64)
         mask[:keep, :old_cap] = self.slot_mask[:keep]
         self.slot_mask = mask
@@ -354,6 +369,14 @@ class DecodeState:
         per run of consecutive rows of equal length ((rows x KV) rows of S positions)."""
         lay, c = self.layout, self.capacity
         row, kvh = lay.head_size * ITEMSIZE[lay.dtype], lay.kv_heads
+        n = int(self.lengths[0])
+        if self.live.all() and (self.lengths == n).all():   # the usual step: all layers and rows in one copy
+            self.memory.copy2d(self._kv_block.ptr + n * row, c * row, io.present_block.ptr, s * row, s * row,
+                               len(self.kv) * self.rows * kvh, self.stream)
+            self.slot_mask[:, n: n + s] = mask
+            self.lengths += s
+            self.next_positions = positions[:, -1] + 1
+            return
         r = 0
         while r < self.rows:
             if not self.live[r]:
@@ -422,7 +445,7 @@ class DecodeState:
 
     def close(self) -> None:
         """Release the buffers, bindings and stream, after the work in flight on them (idempotent)."""
-        self._ios, self.kv, self._keep = {}, [], []
+        self._ios, self.kv, self._kv_block, self._keep = {}, [], None, []
         self._finalizer()
 
 
