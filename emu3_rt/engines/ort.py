@@ -493,18 +493,20 @@ class OrtEngine:
 
     def execute(self, binding: _Binding) -> None:
         """Wait for the stream's queued copies (onnxruntime runs on its own stream and synchronizes it when the run
-        ends), then run. A captured graph replays under the engine's lock: onnxruntime runs one captured graph at
-        a time per session."""
+        ends), then run. Under cuda_graph every run holds the engine's lock: a session that captures graphs runs
+        one Run at a time (its captured graphs share the session's memory), whichever threads step the states."""
         binding.memory.sync(binding.stream)
         sess = self.session
         try:
-            if binding.graph_id is None:
+            if not self.options.cuda_graph:
                 sess.run_with_iobinding(binding.io, self._run_options)
-            else:
+                return
+            opts = self._run_options
+            if binding.graph_id is not None:
                 opts = self.ort.RunOptions()
                 opts.add_run_config_entry("gpu_graph_id", str(binding.graph_id))
-                with self._graph_lock:
-                    sess.run_with_iobinding(binding.io, opts)
+            with self._graph_lock:
+                sess.run_with_iobinding(binding.io, opts)
         except Exception as e:
             raise EngineError(f"{self.spec.path.name}: run failed ({str(e).splitlines()[0][:200]})") from None
 

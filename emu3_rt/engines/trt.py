@@ -5,8 +5,9 @@ records this GPU's compute capability and this TensorRT version, and only when i
 ONNX it was built from match. tensorrt and cuda-python are imported on first use (`pip install emu3-bundle[trt]`).
 
 `run(feeds)` (VQ graphs, samplers): host numpy in, host numpy out, copied per call. The step graph decodes through
-`new_state()`: a DeviceState whose KV buffers stay on the GPU, bound to the plan's decode profile (S = 1) or prefill
-profile by tensor address, set again only when another I/O set ran last. Not run on a GPU in this project yet.
+`new_state()`: the engines/state.DecodeState every engine uses, its KV buffers on the GPU (CudaMemory), bound by
+tensor address to execution contexts of the state's own (the decode profile for S = 1, else the prefill one).
+Not run on a GPU in this project yet; tests/test_trt_state.py runs this code on the CPU against a stand-in plan.
 """
 
 from __future__ import annotations
