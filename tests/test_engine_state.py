@@ -467,3 +467,55 @@ def test_states_stepped_from_two_threads(bundle, engine, layout):
     for i in range(2):
         for a, b in zip(want, got[i]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+class OverlapProbe:
+    """A session stand-in that forwards to the real one and records whether two runs ever overlapped."""
+
+    def __init__(self, session):
+        self.session, self.active, self.overlapped = session, 0, False
+        self._lock = threading.Lock()
+
+    def io_binding(self):
+        return self.session.io_binding()
+
+    def run_with_iobinding(self, binding, options=None):
+        import time
+
+        with self._lock:
+            self.active += 1
+            self.overlapped |= self.active > 1
+        try:
+            time.sleep(0.002)   # widens the window two unserialized threads would meet in
+            return self.session.run_with_iobinding(binding, options)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_a_graph_capturing_session_runs_one_step_at_a_time(bundle, layout):
+    """Bug 7 of issue 20: onnxruntime runs a session that captures CUDA graphs one Run at a time; states stepped
+    from several threads (the serve batcher) take turns, and get what they get alone."""
+    options = OrtOptions()
+    object.__setattr__(options, "cuda_graph", True)
+    engine = OrtEngine(bundle.decoder, options)
+    want = run(engine, engine.new_state(layout, 2), bundle, 6)
+    probe = OverlapProbe(engine.session)
+    engine._session = probe
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            got[i] = run(engine, engine.new_state(layout, 2), bundle, 6)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not probe.overlapped
+    for i in range(3):
+        for a, b in zip(want, got[i]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
