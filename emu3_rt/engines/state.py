@@ -334,7 +334,8 @@ class DecodeState:
         return out
 
     def _sync(self) -> None:
-        self.memory.sync(self.stream)
+        if self._res.open:   # a closed state's stream is gone (and its work was synchronized at close)
+            self.memory.sync(self.stream)
         self._keep = []
 
     def _run(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> tuple[_Io, int]:
