@@ -389,8 +389,8 @@ def test_chained_sampler_picks_what_the_host_pickers_pick(monkeypatch, cfg_scale
 
 def test_chained_traffic_is_ids_and_small_feeds(monkeypatch):
     """A CFG image step, chained: the state sends ids, positions, two mask columns (R,) int64 each and the
-    sampler's feeds (kinds and uniforms (B,) 8 bytes each, six scalars: 34 bytes), and takes back (B,) int64 ids;
-    neither the (R, V) logits nor the K/V."""
+    sampler's feeds that changed since the last step (kinds and uniforms (B,) 8 bytes each; the six scalars, 34
+    bytes, only on the first chained step), and takes back (B,) int64 ids; neither the (R, V) logits nor the K/V."""
     [state] = image_tokens(monkeypatch, "chained", 3.0, emu3_rt.SamplingOptions(top_k=40))[1]
     rows, seqs = 2, 1
     columns = load_bundle(TINY_BUNDLE).image_decoder.output("logits").dims[1]
@@ -400,7 +400,8 @@ def test_chained_traffic_is_ids_and_small_feeds(monkeypatch):
     # one prefill chunk, then a step per visual token after the first: the grid's forced EOL, EOF, EOI and EOS run
     # no model of their own (an EOL rides with the next row's first step; generate.py)
     assert t.calls == 1 + (3 * 3 - 1)
-    assert (t.last_h2d, t.last_d2h) == (4 * rows * 8 + 16 * seqs + 34, 8 * seqs)
+    # the last step's kinds equal the step before's (both visual positions): only its uniforms are sent
+    assert (t.last_h2d, t.last_d2h) == (4 * rows * 8 + 8 * seqs, 8 * seqs)
     assert t.last_d2h < rows * columns * 4 and t.last_h2d < kv
 
 

@@ -319,7 +319,7 @@ class DecodeState:
 
     def _write(self, buf: Buffer, column: int, width: int, host: np.ndarray) -> int:
         """Host (R, w) columns into buf (R, width) at `column`, queued on the stream; returns the bytes sent."""
-        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        host = np.ascontiguousarray(host, dtype=_NUMPY[buf.dtype])
         item, w = ITEMSIZE[buf.dtype], host.shape[1] if host.ndim == 2 else 1
         if host.size:
             self.memory.copy2d(buf.ptr + item * column, item * width, host.ctypes.data, item * w, item * w,
@@ -407,18 +407,24 @@ class DecodeState:
     def step_and_pick(self, engine, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, sampler,
                       feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The step, then `sampler` (a base.BoundEngine) with its logits input bound to the step's logits buffer:
-        the logits never leave the engine and are not counted. Only the sampler's small feeds (h2d) and its (B,)
-        ids (d2h) cross, next to the step's ids / positions / mask slots. Unchecked ids (GraphSampler.checked)."""
+        the logits never leave the engine and are not counted. Only the sampler's small feeds that changed since
+        the last step (h2d: the per-row kinds and uniforms; the scalars once) and its (B,) ids (d2h) cross, next to
+        the step's ids / positions / mask slots. Unchecked ids (GraphSampler.checked)."""
         if sampler.closed:   # before the step runs
             raise EngineError(f"{sampler.spec.path.name}: the engine is closed")
-        small = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+        small = {name: np.asarray(value) for name, value in feeds.items()}
         try:
             io, sent = self._run(engine, ids, mask, positions)
             if sampler not in self._res.engines:
                 self._res.engines.append(sampler)
             pick = self._pick(io, sampler, small)
-            for name, value in small.items():
+            last = pick[5]
+            for name, value in small.items():   # only what changed since the last step (the scalars stay put)
+                raw = value.tobytes()
+                if last.get(name) == raw:
+                    continue
                 sent += self._write(pick[2][name], 0, max(value.size, 1), value.reshape(1, -1))
+                last[name] = raw
             sampler.execute(pick[1])
             chosen = self._read(pick[3][0])
         finally:
@@ -429,19 +435,19 @@ class DecodeState:
     def _pick(self, io: _Io, sampler, small: dict[str, np.ndarray]) -> tuple:
         """The chained sampler's binding on this I/O set (made once; re-made after growth or for another sampler):
         (sampler, binding, input buffers, (ids, logprobs) buffers)."""
-        shapes = {name: (v.shape, v.dtype.name) for name, v in small.items()}
+        shapes = {name: (v.shape, v.dtype) for name, v in small.items()}
         if io.pick is not None and io.pick[0] is sampler and io.pick[4] == shapes:
             return io.pick
         if io.pick is not None:
             old, io.pick = io.pick, None
             self._res.free([*old[2].values(), *old[3]], [(old[0], old[1])])
         b = small[SAMPLER_UNIFORMS].shape[0]
-        inputs = {name: self._res.alloc(shape, dtype) for name, (shape, dtype) in shapes.items()}
+        inputs = {name: self._res.alloc(shape, dtype.name) for name, (shape, dtype) in shapes.items()}
         outputs = (self._res.alloc((b,), "int64"), self._res.alloc((b,), "float32"))
         binding = sampler.bind(self.memory, self.stream, {SAMPLER_LOGITS: io.logits, **inputs},
                                {SAMPLER_IDS: outputs[0], SAMPLER_LOGPROBS: outputs[1]})
         self._res.bindings.append((sampler, binding))
-        io.pick = (sampler, binding, inputs, outputs, shapes)
+        io.pick = (sampler, binding, inputs, outputs, shapes, {})   # {}: the feeds as last written
         return io.pick
 
     def close(self) -> None:
