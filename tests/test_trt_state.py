@@ -52,8 +52,10 @@ class FakePlan:
     def __init__(self, engine: OrtEngine, memory: AsyncMemory):
         self.ort, self.memory = engine, memory
         sess = engine.session
-        self.io = [(a.name, "INPUT", a.type, len(a.shape)) for a in sess.get_inputs()]
-        self.io += [(a.name, "OUTPUT", a.type, len(a.shape)) for a in sess.get_outputs()]
+        # a plan keeps the graph's static axes (KV heads, head size, logits width); -1 where a profile ranges
+        dims = lambda a: tuple(d if isinstance(d, int) else -1 for d in a.shape)  # noqa: E731
+        self.io = [(a.name, "INPUT", a.type, dims(a)) for a in sess.get_inputs()]
+        self.io += [(a.name, "OUTPUT", a.type, dims(a)) for a in sess.get_outputs()]
         self.num_io_tensors, self.num_optimization_profiles = len(self.io), 2
         self.contexts: list[FakeContext] = []
 
@@ -70,7 +72,7 @@ class FakePlan:
         return _Named(_TYPES[self._entry(name)[2]][0])
 
     def get_tensor_shape(self, name):
-        return (-1,) * self._entry(name)[3]
+        return self._entry(name)[3]
 
     def create_execution_context(self):
         self.contexts.append(FakeContext(self))
