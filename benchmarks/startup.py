@@ -95,9 +95,7 @@ def _cli_seconds(bundle: Path, mode: str, env: dict, area: int) -> float:
             cmd = [sys.executable, "-c", code, *args]
         else:
             cmd = [sys.executable, "-m", "emu3_rt", *args]
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - t
+        return _process_seconds(cmd, env)
 
 
 def _cli_chat_seconds(bundle: Path, mode: str, env: dict, tokens: int) -> float:
@@ -113,6 +111,11 @@ def _cli_chat_seconds(bundle: Path, mode: str, env: dict, tokens: int) -> float:
         cmd = [sys.executable, "-c", code, *args]
     else:
         cmd = [sys.executable, "-m", "emu3_rt", *args]
+    return _process_seconds(cmd, env)
+
+
+def _process_seconds(cmd: list[str], env: dict) -> float:
+    """Wall time of one CLI process, start to exit (its output discarded)."""
     t = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
