@@ -116,6 +116,28 @@ def finishes(fn, seconds: float = 60.0):
     return box["err"]
 
 
+def in_threads(n: int, fn, seconds: float = 60.0) -> list:
+    """fn(i) for i in range(n), each in its own thread started together: the results in order. Raises the first
+    exception a thread raised, and fails a thread still running after `seconds` (a hang watchdog)."""
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            got[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds)
+    assert not any(t.is_alive() for t in threads), f"still running after {seconds} s (blocked?)"
+    if errors:
+        raise errors[0]
+    return [got[i] for i in range(n)]
+
+
 def engine_runs(monkeypatch) -> list[str]:
     """Every OrtEngine run from now on, one-shot (run) or on a decode state's bound buffers (execute), as the graph
     file's name (in order): to count steps and sampler calls."""

@@ -27,7 +27,7 @@ from emu3_rt.pipeline import Emu3  # noqa: E402
 from emu3_rt.prompt import make_batch  # noqa: E402
 
 from .async_memory import AsyncMemory, UseAfterFree  # noqa: E402
-from .conftest import TINY_BUNDLE  # noqa: E402
+from .conftest import TINY_BUNDLE, in_threads  # noqa: E402
 
 PROMPTS = [[5, 9, 2, 7, 11, 3], [4, 4, 8]]   # row 1 is left-padded by three
 
@@ -451,20 +451,7 @@ def test_states_stepped_from_two_threads(bundle, engine, layout):
     """The serve batcher steps generations concurrently: two states on one engine, stepped by two threads, give
     what each gives alone."""
     want = run(engine, engine.new_state(layout, 2), bundle, 12)
-    got, errors = {}, []
-
-    def work(i):
-        try:
-            got[i] = run(engine, engine.new_state(layout, 2), bundle, 12)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    got = in_threads(2, lambda i: run(engine, engine.new_state(layout, 2), bundle, 12))
     for i in range(2):
         for a, b in zip(want, got[i]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -503,20 +490,8 @@ def test_a_graph_capturing_session_runs_one_step_at_a_time(bundle, layout):
     want = run(engine, engine.new_state(layout, 2), bundle, 6)
     probe = OverlapProbe(engine.session)
     engine._session = probe
-    got, errors = {}, []
-
-    def work(i):
-        try:
-            got[i] = run(engine, engine.new_state(layout, 2), bundle, 6)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and not probe.overlapped
+    got = in_threads(3, lambda i: run(engine, engine.new_state(layout, 2), bundle, 6))
+    assert not probe.overlapped
     for i in range(3):
         for a, b in zip(want, got[i]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

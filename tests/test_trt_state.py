@@ -30,7 +30,7 @@ from emu3_rt.generate import decode_step, prefill  # noqa: E402
 from emu3_rt.prompt import make_batch  # noqa: E402
 
 from .async_memory import AsyncMemory  # noqa: E402
-from .conftest import TINY_BUNDLE  # noqa: E402
+from .conftest import TINY_BUNDLE, in_threads  # noqa: E402
 
 PROMPTS = [[5, 9, 2, 7, 11, 3], [4, 4, 8]]
 _TYPES = {"tensor(float)": ("FLOAT", np.float32), "tensor(int64)": ("INT64", np.int64)}
@@ -161,22 +161,14 @@ def test_two_states_from_two_threads_use_their_own_contexts(bundle):
     ort = OrtEngine(bundle.decoder)
     want = run(ort, ort.new_state(layout, 2), bundle, 10)
     engine, plan, memory = trt_engine(bundle)
-    got, errors = {}, []
 
     def work(i):
-        try:
-            state = engine.new_state(layout, 2)
-            got[i] = run(engine, state, bundle, 10)
-            state.close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        state = engine.new_state(layout, 2)
+        out = run(engine, state, bundle, 10)
+        state.close()
+        return out
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    got = in_threads(3, work, 120)
     for i in range(3):
         for a, b in zip(want, got[i]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
