@@ -202,8 +202,9 @@ class Emu3:
                            pad_id=self.bundle.tokens.pad, prefill_chunk=self.prefill_chunk,
                            streams=streams, logit_ids=route.logit_ids, grid=grid)
         # the step engine's own decode state (engines/state.py: device buffers on GPU engines, host memory on the
-        # CPU). An image's length is exact (the prompt, then its grid's tokens), so its state gets its whole
-        # capacity now and never grows; a reply's length is not known (EOS), so chat's state grows as it goes.
+        # CPU). An image's length is exact (the prompt, then its grid's tokens): the hint lets a device state
+        # allocate it whole now and never grow (host states grow: state.py says why); a reply's length is not
+        # known (EOS), so chat's state grows as it goes.
         hint = batch.ids.shape[1] + max_new_tokens if grid is not None else 0
         state = route.step.new_state(KVLayout.from_bundle(self.bundle), batch.rows, capacity_hint=hint)
         return Decoding(route.step, state, batch, pick, opts)

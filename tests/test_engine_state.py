@@ -117,23 +117,39 @@ def test_growth_keeps_rows_and_rebinds_only_then(bundle, engine, layout, monkeyp
 
 
 def test_capacity_hint_allocates_up_front(bundle, engine, layout):
-    state = engine.new_state(layout, 2, capacity_hint=40)
+    """whole=True (a device state's default): the hinted slots are allocated at once, and filling them never
+    grows the buffers. Host memory's default grows (attention on the CPU reads every slot of the capacity)."""
+    state = DecodeState(engine, layout, 2, engine.spec.output("logits").dims[1], capacity_hint=40, whole=True)
     assert state.capacity == kv_cache.capacity_for(40)
     kv = state.kv[0]
     run(engine, state, bundle, 30)
     assert state.capacity == kv_cache.capacity_for(40) and state.kv[0] is kv
+    host = engine.new_state(layout, 2, capacity_hint=200)
+    assert host.memory.device_type == "cpu" and host.capacity == kv_cache.capacity_for(1)
+    run(engine, host, bundle, 30)
+    assert host.capacity == kv_cache.capacity_for(host.length) < kv_cache.capacity_for(200)
 
 
-def test_an_image_state_gets_its_whole_capacity_at_the_start(monkeypatch):
-    """The pipeline hints prompt + the grid's exact token count: the image's state never grows."""
+def test_an_image_state_gets_its_hint_and_grows_on_the_host(monkeypatch):
+    """The pipeline hints prompt + the grid's exact token count; on the CPU the state grows to it instead of
+    starting there, and the token array is preallocated."""
+    hints = []
+    real = DecodeState.__init__
+
+    def spy(self, *args, **kwargs):
+        hints.append(kwargs.get("capacity_hint", args[4] if len(args) > 4 else 0))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeState, "__init__", spy)
     model = emu3_rt.load(TINY_BUNDLE)
     gen = model.start_image("a red square", image_area=48 * 48, cfg_scale=3.0, seed=1)
     gen.step()
     state = gen._decoding.cache
-    cap, kv = state.capacity, state.kv[0]
+    first = state.capacity
     while gen.step() is not None:
-        assert gen.done or (state.capacity == cap and state.kv[0] is kv)
-    assert cap == kv_cache.capacity_for(gen._decoding.batch.ids.shape[1] + gen.steps) and cap >= state.length
+        pass
+    need = gen._decoding.batch.ids.shape[1] + gen.steps
+    assert hints[-1] == need and first < need <= state.capacity == kv_cache.capacity_for(need)
 
 
 def test_traffic_counts_feeds_and_logits_never_the_cache(bundle, engine, layout):

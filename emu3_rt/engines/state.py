@@ -12,7 +12,8 @@ Parts, for R rows (cond rows then uncond rows under CFG):
   Rows have their own lengths: a row rolls back k positions (speculative decoding drops its rejected drafts),
   rows are released and added (continuous batching) without touching the others.
 * KV buffers: per layer K and V (R, KV, C, D), capacity C grown by `grow` (kv_cache.capacity_for on the CPU;
-  KV_BLOCK multiples when every capacity is a captured CUDA graph), or allocated whole from capacity_hint.
+  KV_BLOCK multiples when every capacity is a captured CUDA graph); in device memory allocated whole from
+  capacity_hint (an image's exact length), in host memory grown (see DecodeState.__init__).
 * I/O sets: per new-token count S, ids / positions (R, S), the mask (R, C + S), presents (R, KV, S, D), logits
   (R, V), bound once to the engine and re-bound only after growth; and, chained, the sampler's inputs / outputs.
 
@@ -196,7 +197,7 @@ class DecodeState:
     the logits width V. grow(needed) -> the capacity to allocate for `needed` positions."""
 
     def __init__(self, engine, layout: KVLayout, rows: int, columns: int, capacity_hint: int = 0,
-                 memory=None, grow: Callable[[int], int] | None = None):
+                 memory=None, grow: Callable[[int], int] | None = None, whole: bool | None = None):
         from ..kv_cache import capacity_for
 
         if layout.kind != "buffer":
@@ -222,7 +223,12 @@ class DecodeState:
         self.slot_mask = np.zeros((rows, 0), np.int64)   # (R, C) 1 = filled and attended
         self._ios: dict[int, _Io] = {}
         self._keep: list[np.ndarray] = []                # host arrays of copies in flight
-        self._resize(rows, self._grow(max(capacity_hint, 1)))
+        # whole: allocate capacity_hint's slots now (device memory: one allocation, no growth copies, one CUDA
+        # graph per generation). Host memory grows instead: onnxruntime's CPU attention reads every slot of the
+        # capacity, so a 32x32 CFG image on the mid checkpoint ran 11 % slower with its whole capacity from the
+        # first step (A/B in docs/performance.md), while growth copies cost ~nothing there.
+        whole = self.memory.device_type != "cpu" if whole is None else whole
+        self._resize(rows, self._grow(max(capacity_hint if whole else 1, 1)))
 
     # ---- sizes ----
 
