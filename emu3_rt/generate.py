@@ -123,13 +123,39 @@ class Decoding:
         or close()). The model runs lazily, so a generation closed after a step never pays for the next one."""
         if self.finished:
             return None
-        opts, n = self.opts, self._n
-        forced = None if opts.grid is None or self._fed is None else opts.grid.forced(n)
-        if forced is not None and ((forced >= 0) | self.done).all():
+        forced = self.forced()
+        if forced is not None:
             self.pick.skip(len(self.done))     # no model run (module docstring)
-            columns = np.maximum(forced, 0)       # finished rows get pad below
+            columns = np.maximum(forced, 0)       # finished rows get pad in record()
         else:
-            columns = self._run_model(n)
+            columns = self._run_model(self._n)
+        return self.record(columns)
+
+    def forced(self) -> np.ndarray | None:
+        """(B,) the logits columns the grid forces at the next step in every unfinished row (-1 in finished ones),
+        or None where some row picks (or before the prefill): then the model must run."""
+        opts = self.opts
+        forced = None if opts.grid is None or self._fed is None else opts.grid.forced(self._n)
+        return forced if forced is not None and ((forced >= 0) | self.done).all() else None
+
+    def pick_host(self, logits: np.ndarray) -> np.ndarray:
+        """(R, V) logits of this generation's rows on the host -> the (B,) columns chosen for the next step (the
+        numpy chain, or the sampler graph run on them: the same draws as chained onto the step)."""
+        return (self.pick if self.sampler is None else self.sampler.pick)(logits, self.tokens)
+
+    @property
+    def pending(self) -> list[np.ndarray]:
+        """The (B,) ids chosen since the model last ran (fed to it with the next run); [] before the prefill."""
+        return self._fed or []
+
+    def fed_to_model(self) -> None:
+        """The pending ids were run by a caller stepping this generation's rows itself (a shared decode state)."""
+        self._fed = []
+
+    def record(self, columns: np.ndarray) -> np.ndarray:
+        """The (B,) columns chosen for the next step -> its ids (pad in finished rows), appended to the tokens
+        and the pending ids; closes the generation at EOS everywhere or the token budget."""
+        opts, n = self.opts, self._n
         chosen = columns if opts.logit_ids is None else opts.logit_ids[columns]
         ids = np.where(self.done, opts.pad_id, chosen)                         # finished rows get pad
         self._tokens[:, n] = ids

@@ -321,6 +321,29 @@ class DecodeState:
         self.slot_mask[free] = 0
         return free
 
+    def adopt(self, src: DecodeState, src_rows, dst_rows) -> None:
+        """Copy rows of another state (same layout, same memory backend) into live rows of this one: their filled
+        K/V slots, lengths, next positions and slot masks. A request prefilled in a state of its own joins a
+        running generation this way (continuous batching) without the other rows running its prompt."""
+        src_rows, dst_rows = np.atleast_1d(src_rows), np.atleast_1d(dst_rows)
+        if src.layout != self.layout or src.memory is not self.memory:
+            raise EngineError("adopt needs a state of the same layout in the same memory")
+        if len(src_rows) != len(dst_rows) or not self.live[dst_rows].all():
+            raise ValueError("adopt copies into as many live rows (add_rows) as it is given source rows")
+        lay, kvh = self.layout, self.layout.kv_heads
+        row = lay.head_size * ITEMSIZE[lay.dtype]       # bytes of one position of one head
+        self.reserve(int(src.lengths[src_rows].max(initial=0)))
+        c, sc = self.capacity, src.capacity
+        for s, d in zip(src_rows.tolist(), dst_rows.tolist()):
+            n = int(src.lengths[s])
+            for buf, sbuf in zip(self.kv, src.kv):   # (KV, n) slots of row s -> row d
+                self.memory.copy2d(buf.ptr + d * kvh * c * row, c * row, sbuf.ptr + s * kvh * sc * row, sc * row,
+                                   n * row, kvh, self.stream)
+            self.lengths[d], self.next_positions[d] = n, src.next_positions[s]
+            self.slot_mask[d] = 0
+            self.slot_mask[d, :n] = src.slot_mask[s, :n]
+        self._sync()   # the copies have landed before the caller closes src
+
     # ---- steps ----
 
     def _write(self, buf: Buffer, column: int, width: int, host: np.ndarray) -> int:
