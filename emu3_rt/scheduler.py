@@ -224,7 +224,7 @@ class ImageScheduler:
 
     def _prefill_chunk(self) -> None:
         budget = self.limits.prefill_chunk
-        for t in list(self.prefilling):
+        for t in [t for t in self.prefilling if t.state == Ticket.PREFILL]:
             if budget <= 0:
                 return
             batch = t.dec.batch
@@ -258,8 +258,7 @@ class ImageScheduler:
             self.state.release_rows(slice(None))
         joined = False
         for t in ready:
-            try:
-                self.state.reserve(t.slots)
+            try:   # capacity grows with the longest row (onnxruntime's CPU attention reads every slot of it)
                 t.where = self.state.add_rows(t.rows)
                 self.state.adopt(t.own, np.arange(t.rows), t.where)
             except Exception as e:  # noqa: BLE001
