@@ -60,6 +60,11 @@ class _Generation:
         return self._decoding.tokens.shape[0]
 
     @property
+    def model_rows(self) -> int:
+        """Rows the step graph runs for this generation: B, or 2B under CFG (cond, then uncond rows)."""
+        return self._decoding.batch.rows
+
+    @property
     def steps(self) -> int:
         """Steps run so far."""
         return self._decoding.tokens.shape[1]
@@ -171,10 +176,12 @@ class ImageGeneration(_Generation):
         n = self.steps
         return [min(h, n // (w + 1)) for h, w in self.grids]
 
-    def preview(self, i: int) -> Image.Image:
-        """Image i as generated so far, full size, grey where its rows are not generated yet."""
+    def preview(self, i: int, rows: int | None = None) -> Image.Image:
+        """Image i as generated so far (or its first `rows` grid rows, at most those done), full size, grey where
+        its rows are not generated yet."""
         h, w = self.grids[i]
-        rows, f = self.rows_done()[i], self._model.bundle.spatial_factor
+        done, f = self.rows_done()[i], self._model.bundle.spatial_factor
+        rows = done if rows is None else min(rows, done)
         canvas = Image.new("RGB", (w * f, h * f), (128, 128, 128))
         if rows:
             tokens = self._decoding.tokens[i: i + 1, : rows * (w + 1)]

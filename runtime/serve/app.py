@@ -25,9 +25,11 @@ from starlette.exceptions import HTTPException
 import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real
 from emu3_rt.image import give_back_memory
+from emu3_rt.scheduler import SchedulerLimits
 
 from . import protocol
 from .batcher import Stats, batch_rows, drive
+from .continuous import RETRY_AFTER_S, ImageQueue
 from .protocol import SSE_DONE, Job, RequestError, sse
 
 # request bodies above this are refused (413) as soon as the running count of received bytes passes it, with or
@@ -101,7 +103,9 @@ async def _final_event(job: Job, events) -> dict:
 
 
 def _error(e: BaseException) -> JSONResponse:
-    return JSONResponse(protocol.error_body(e), status_code=protocol.error_status(e))
+    status = protocol.error_status(e)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(protocol.error_body(e), status_code=status, headers=headers)
 
 
 async def _alone(model, job: Job, stats: Stats):
@@ -122,18 +126,36 @@ class Emu3Service:
     def __init__(self, bundle: str | None = None, engine: str = "ort", device: str = "cpu", threads: int = 0,
                  verify: bool = False, max_batch_rows: int = 8, batch_wait_s: float = 0.05,
                  max_concurrent_batches: int = 2, batching: bool = True, device_id: int = 0,
-                 sampler: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S):
+                 sampler: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S,
+                 scheduling: str = "continuous", max_running_rows: int = 0, max_waiting: int = 32,
+                 max_kv_slots: int = 0, prefill_chunk: int = 128):
         # the arguments first: a bad one fails in one line before the bundle loads
         wait = as_real("batch_wait_s", batch_wait_s, 0, MAX_BATCH_WAIT_S)
         self.body_timeout_s = as_real("body_timeout_s", body_timeout_s, 0.001, MAX_BODY_TIMEOUT_S)
         concurrent = as_int("max_concurrent_batches", max_concurrent_batches, 1)
         # rows (images or answers) one generation may hold; a request asking for more gets 400
         self.max_rows = as_int("max_batch_rows", max_batch_rows, 1)
+        if scheduling not in ("continuous", "window"):
+            raise ValueError(f"scheduling must be 'continuous' or 'window', got {scheduling!r:.40}")
+        batching = as_flag("batching", batching)
+        # continuous: the image step graph's rows (a guided image takes 2), by default 2 x max_batch_rows
+        limits = SchedulerLimits(max_rows=as_int("max_running_rows", max_running_rows, 0) or 2 * self.max_rows,
+                                 max_waiting=as_int("max_waiting", max_waiting, 1),
+                                 max_kv_slots=as_int("max_kv_slots", max_kv_slots, 0),
+                                 prefill_chunk=as_int("prefill_chunk", prefill_chunk, 1))
         self.model = emu3_rt.load(bundle, engine=engine, device=device, threads=threads, verify=verify,
                                   device_id=device_id, sampler=sampler)
         self.stats = Stats()
         self.batches = {task: self._batch_queue(wait, concurrent) for task in ("image", "chat")} \
-            if as_flag("batching", batching) else None
+            if batching else None
+        # images at the iteration level (continuous.py); chat keeps the window batches
+        self.images = ImageQueue(self.model, limits, self.stats) \
+            if batching and scheduling == "continuous" and self.model.bundle.kv_cache == "buffer" else None
+
+    def __del__(self):   # Serve calls it when the replica stops: the stepping thread ends, its states are released
+        images = getattr(self, "images", None)
+        if images is not None:
+            images.close()
 
     def _batch_queue(self, wait_s: float, concurrent: int):
         """An @serve.batch queue: requests arriving within wait_s of each other, up to max_rows rows in all, are
@@ -148,7 +170,10 @@ class Emu3Service:
     async def _events(self, job: Job):
         """The job's events one at a time; the job is marked gone however the consumer stops (a client that
         disconnects cancels the awaiting task, which lands here)."""
-        source = self.batches[job.task](job) if self.batches else _alone(self.model, job, self.stats)
+        if job.task == "image" and self.images is not None:
+            source = self.images.events(job)
+        else:
+            source = self.batches[job.task](job) if self.batches else _alone(self.model, job, self.stats)
         try:
             async for events in source:
                 if any(e["type"] in ("result", "error") for e in events):
@@ -213,8 +238,15 @@ class Emu3Service:
 
     @api.get("/v1/stats")
     def stats_route(self) -> dict:
-        return {**self.stats.snapshot(), "replica": serve.get_replica_context().replica_id.unique_id,
-                "pid": os.getpid(), "max_batch_rows": self.max_rows, "batching": self.batches is not None}
+        snap = self.stats.snapshot()
+        if self.images is not None:   # the scheduler's runs count as decode steps too; its rows, KV and queue
+            rows = self.images.snapshot()
+            snap["decode_steps"] += rows.pop("decode_steps")
+            snap["decode_rows"] += rows.pop("decode_rows")
+            snap.update(rows)
+        return {**snap, "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+                "max_batch_rows": self.max_rows, "batching": self.batches is not None,
+                "scheduling": "continuous" if self.images is not None else "window"}
 
     async def _respond(self, request: Request, parse, stream, finish):
         """Both generation routes: submit the request; then an SSE response of stream(job, events), or the final

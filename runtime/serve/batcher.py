@@ -21,8 +21,10 @@ from .protocol import Job, png_base64
 
 
 class Stats:
-    """Per-replica counters (GET /v1/stats): requests, generations started and their rows, decode steps (each one
-    run of the step graph for all rows of a generation: what a batch saves) and cancelled rows."""
+    """Per-replica counters (GET /v1/stats): requests (and those refused by a full scheduler queue: 503),
+    generations started and their rows, decode steps (each one run of the step graph for all rows of a generation:
+    what a batch saves), decode rows (the step graph's rows summed over those runs: 2 per guided image) and
+    cancelled rows."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -40,7 +42,8 @@ class Stats:
 
     def snapshot(self) -> dict:
         with self._lock:
-            names = ("requests", "failed_requests", "generations", "decode_steps", "cancelled_rows")
+            names = ("requests", "failed_requests", "rejected_requests", "generations", "decode_steps",
+                     "decode_rows", "cancelled_rows")
             return {**{k: self._counts[k] for k in names}, "generation_rows": list(self._rows)}
 
 
@@ -127,6 +130,7 @@ def advance(run: _Run, stats: Stats) -> list[list[dict]]:
     gen = run.gen
     ids = gen.step()    # one run of the step graph for every row (the first one prefills)
     stats.add("decode_steps", ids is not None)
+    stats.add("decode_rows", gen.model_rows if ids is not None else 0)
     run.finished = ids is None or gen.done
     events: list[list[dict]] = [[] for _ in run.jobs]
     if hasattr(gen, "text_deltas"):

@@ -28,6 +28,7 @@ import emu3_rt
 from emu3_rt.argcheck import as_flag, as_int, as_real, as_seed, as_text, kind
 from emu3_rt.image import ImageFile, read_image
 from emu3_rt.options import random_seed
+from emu3_rt.scheduler import Full
 
 # size "WxH": each side at most this many pixels (the grid then comes from ratio W:H and area W*H)
 MAX_SIDE = 16384
@@ -407,9 +408,12 @@ def sse(obj: dict) -> bytes:
 
 def error_status(e: BaseException) -> int:
     """400 for what the request got wrong (emu3_rt's PromptError, ImageError, ValueError, TypeError), 404 for an
-    unknown model, 500 for the rest (EngineError, GenerationError: the server's fault)."""
+    unknown model, 503 for a full scheduler queue, 500 for the rest (EngineError, GenerationError: the server's
+    fault)."""
     if isinstance(e, ModelNotFound):
         return 404
+    if isinstance(e, Full):   # the replica's scheduler queue (the service adds Retry-After)
+        return 503
     return 400 if isinstance(e, (ValueError, TypeError)) else 500
 
 
