@@ -54,7 +54,7 @@ class SchedulerLimits:
     # KV slots (positions x rows) held at once by the shared state's rows and the prefilling tickets' states;
     # 0: max_rows x the context length (then only max_rows bounds)
     max_kv_slots: int = 0
-    # tickets waiting for admission; one more raises Full
+    # tickets waiting for rows (beyond those the free rows admit at the next boundary); one more raises Full
     max_waiting: int = 64
     # prompt tokens prefilled per iteration, over all prefilling tickets
     prefill_chunk: int = 128
@@ -130,8 +130,16 @@ class ImageScheduler:
             raise ValueError(f"the request needs {ticket.rows} rows of {ticket.slots} positions; this scheduler "
                              f"holds at most {self.limits.max_rows} rows and {self.max_slots} KV slots")
         with self._lock:
-            if len(self.waiting) >= self.limits.max_waiting:
-                raise Full(f"{len(self.waiting)} requests are waiting already")
+            # the queue's head that fits the free rows and slots is admitted at the next boundary: only what waits
+            # past it counts against max_waiting
+            rows, slots, queued = self.rows_in_use(), self.slots_in_use(), 0
+            for t in self.waiting:
+                if queued or rows + t.rows > self.limits.max_rows or slots + t.rows * t.slots > self.max_slots:
+                    queued += 1
+                else:
+                    rows, slots = rows + t.rows, slots + t.rows * t.slots
+            if queued >= self.limits.max_waiting:
+                raise Full(f"{queued} requests are waiting for rows already")
             # its own state (allocated by start_image for the whole generation) is not needed until admission
             gen._decoding.cache.close()
             gen._decoding.cache = None

@@ -93,7 +93,7 @@ def test_cancelled_row_leaves_and_frees_its_slots(model):
 
 
 def test_admission_is_bounded_in_rows_and_queue(model):
-    sched = ImageScheduler(model, SchedulerLimits(max_rows=3, max_waiting=2))
+    sched = ImageScheduler(model, SchedulerLimits(max_rows=3, max_waiting=1))
     guided = dict(prompts="a", seed=1, image_area=40 * 40)               # 2 rows
     a = sched.submit(model.start_image(**guided))
     b = sched.submit(model.start_image(**guided))

@@ -241,9 +241,10 @@ def direct():
 
 @pytest.fixture(scope="module")
 def service():
-    """The main app at / (batching, 8 rows) and a tight one at /tight (1 request at a time, 1 queued, no
-    batching) for overload and replica failure. Shut down by the last test, or here. Ray in its single-machine
-    mode, as `emu3-rt serve` runs it: every Ray port on loopback (when Ray is first imported here)."""
+    """The main app at / (window batching, 8 rows), a continuous-batching one at /cb and a tight one at /tight (1
+    request at a time, 1 queued, no batching) for overload and replica failure. Shut down by the last test, or
+    here. Ray in its single-machine mode, as `emu3-rt serve` runs it: every Ray port on loopback (when Ray is
+    first imported here)."""
     loopback = "ray" not in sys.modules and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
     if loopback:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -255,8 +256,11 @@ def service():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = dict(ray_actor_options={"num_cpus": 0}, health_check_period_s=1, health_check_timeout_s=10)
-        serve.run(Emu3Service.options(**options).bind(batch_wait_s=BATCH_WAIT, max_batch_rows=8),
-                  name="emu3", route_prefix="/")
+        serve.run(Emu3Service.options(**options).bind(batch_wait_s=BATCH_WAIT, max_batch_rows=8,
+                                                      scheduling="window"), name="emu3", route_prefix="/")
+        # continuous batching, small bounds: 6 step-graph rows (3 guided images), 2 waiting, short prefill chunks
+        serve.run(Emu3Service.options(**options).bind(max_running_rows=6, max_waiting=2, prefill_chunk=16),
+                  name="cb", route_prefix="/cb")
         serve.run(Emu3Service.options(**options, max_ongoing_requests=1, max_queued_requests=1).bind(batching=False),
                   name="tight", route_prefix="/tight")
         yield f"http://127.0.0.1:{port}"
@@ -572,6 +576,77 @@ def test_a_client_that_disconnects_cancels_its_rows(service):
     time.sleep(1.0)
     assert stats(service)["decode_steps"] == after["decode_steps"]   # nothing steps it any more
     assert after["decode_steps"] - before["decode_steps"] < 1000
+
+
+def test_continuous_requests_with_mixed_options_join_and_equal_the_direct_api(service, direct):
+    # different CFG scales, negative prompts, sampling options and sizes, arriving spread over the first one's run:
+    # they join its decode state at different steps, and each gets what it gets alone
+    bodies = [image_body("a red cat", 11, size="128x128"),
+              image_body("a blue car", 12, size="96x48", cfg_scale=1.0, top_k=40, temperature=0.8),
+              image_body("a tree", 13, size="64x64", negative_prompt="blurry", cfg_scale=5.0, top_p=0.9),
+              image_body("the sea", 14, size="64x32", temperature=0, cfg_scale=1.0, stream=True,
+                         partial_images=1)]
+    before = stats(f"{service}/cb")
+    at = lambda t, call: lambda: (time.sleep(t), call())[1]  # noqa: E731
+    answers = together([at(0.3 * i, lambda b=b: post(f"{service}/cb/v1/images/generations", b))
+                        for i, b in enumerate(bodies)])
+    after = stats(f"{service}/cb")
+    assert [a[0] for a in answers] == [200] * 4, [a[2][:200] for a in answers]
+    for body, (_, _, raw) in zip(bodies, answers):
+        w, h = map(int, body["size"].split("x"))
+        sampling = SamplingOptions.from_bundle(direct.bundle, temperature=body.get("temperature"),
+                                               top_k=body.get("top_k"), top_p=body.get("top_p"))
+        alone = direct.generate_image(body["prompt"], ratio=f"{w}:{h}", image_area=w * h, seed=body["seed"],
+                                      cfg_scale=body.get("cfg_scale"), negative_prompt=body.get("negative_prompt"),
+                                      sampling=sampling)
+        if body.get("stream"):
+            events = [e for e in sse_events(raw) if isinstance(e, dict)]
+            assert events[-1]["type"] == "image_generation.completed"
+            assert sum(e["type"] == "image_generation.partial_image" for e in events) == 1
+            b64 = events[-1]["b64_json"]
+        else:
+            b64 = json.loads(raw)["data"][0]["b64_json"]
+        assert np.array_equal(pixels(decode_png(b64)), pixels(alone.images[0])), body
+    assert after["scheduling"] == "continuous"
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["decode_rows"] - before["decode_rows"]
+    assert rows > steps > 0   # runs held several requests' rows
+    assert after["running_rows"] == after["waiting_rows"] == after["kv_slots_in_use"] == 0
+
+
+def test_continuous_queue_full_gives_503_and_a_leaving_client_frees_only_its_rows(service, direct):
+    url = f"{service}/cb/v1/images/generations"
+    long = image_body("busy", 1, size="240x240")   # a 30x30 grid under CFG: 933 steps, 2 rows each
+    before = stats(f"{service}/cb")
+    # 6 rows run (3 requests), 2 wait, the other 2 are refused at once
+    answers = together([lambda: post(url, long)] * 7)
+    assert sorted(a[0] for a in answers) == [200] * 5 + [503] * 2, [a[:2] for a in answers]
+    refused = [a for a in answers if a[0] == 503]
+    assert all(a[1].get("retry-after") == "2" for a in refused)
+    assert all(json.loads(a[2])["error"]["code"] == "queue_full" for a in refused)
+    mid = stats(f"{service}/cb")
+    assert mid["rejected_requests"] - before["rejected_requests"] == 2
+
+    # a streaming client leaves after its first grid row; a request beside it still gets its image
+    conn = http.client.HTTPConnection(service.removeprefix("http://"), timeout=60)
+    conn.request("POST", "/cb/v1/images/generations", json.dumps({**long, "stream": True}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    other = []
+    beside = threading.Thread(target=lambda: other.append(post(url, image_body("a dog", 5, size="64x64"))))
+    beside.start()
+    while b"image_generation.rows" not in response.readline():
+        pass
+    conn.close()
+    beside.join(120)
+    wait_until(lambda: stats(f"{service}/cb")["cancelled_rows"] > mid["cancelled_rows"], 60,
+               "the left request to be cancelled")
+    assert other and other[0][0] == 200
+    alone = direct.generate_image("a dog", ratio="1:1", image_area=64 * 64, seed=5)
+    assert np.array_equal(pixels(decode_png(json.loads(other[0][2])["data"][0]["b64_json"])),
+                          pixels(alone.images[0]))
+    settled = wait_until(lambda: (s := stats(f"{service}/cb"))["running_rows"] == 0 and s, 60, "rows to leave")
+    assert settled["kv_slots_in_use"] == settled["kv_slots_allocated"] == settled["waiting_rows"] == 0
 
 
 def test_overload_gives_503_with_retry_after(service):

@@ -420,7 +420,7 @@ def error_status(e: BaseException) -> int:
 def error_body(e: BaseException) -> dict:
     status, text = error_status(e), str(e).strip().splitlines()
     return error_json(status, text[0] if text else type(e).__name__,
-                      {404: "model_not_found"}.get(status, type(e).__name__))
+                      {404: "model_not_found", 503: "queue_full"}.get(status, type(e).__name__))
 
 
 def error_json(status: int, message: str, code: str | None = None) -> dict:
