@@ -37,6 +37,14 @@ def build_parser():
     ap.add_argument("--body-timeout", type=number_in(0.001, 3600), default=30.0,
                     help="seconds a request body may take to arrive (408 after; a trickling upload holds a slot)")
     ap.add_argument("--no-batching", action="store_true", help="run every request as its own generation")
+    ap.add_argument("--scheduling", choices=("continuous", "window"), default="continuous",
+                    help="images: requests join and leave one running generation at every step (continuous), or "
+                         "batch only those arriving within --batch-wait with the same options (window)")
+    ap.add_argument("--max-running-rows", type=int_in(0), default=0,
+                    help="continuous: step-graph rows running at once per replica (a guided image takes 2; "
+                         "0: 2 x --max-batch-rows)")
+    ap.add_argument("--max-waiting", type=int_in(1), default=32,
+                    help="continuous: requests waiting for rows per replica (beyond: 503 + Retry-After)")
     ap.add_argument("--max-ongoing-requests", type=int_in(1), default=32,
                     help="requests one replica holds at once (running or in its batch queue)")
     ap.add_argument("--max-queued-requests", type=int_in(1), default=64,
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         ).bind(bundle=args.bundle, engine=args.engine, device=args.device, threads=args.threads, verify=args.verify,
                device_id=args.device_id, sampler=args.sampler,
                max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait, batching=not args.no_batching,
-               body_timeout_s=args.body_timeout)
+               body_timeout_s=args.body_timeout, scheduling=args.scheduling,
+               max_running_rows=args.max_running_rows, max_waiting=args.max_waiting)
         deployed = True
         serve.run(app, name=args.app_name, route_prefix=args.route_prefix)
         # /healthz from an application of its own: it never waits behind the model's request slots
